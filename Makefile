@@ -1,0 +1,43 @@
+# Two commands: `make book` (set up, build the model, execute every notebook) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODEL  := data/tiny-gpt2/manifest.json
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+
+# Offline by default: nothing is fetched from a model hub. Online readers may run
+# `make book PPO_POLICY=gpt2 HF_HUB_OFFLINE=0` to use the hub's GPT-2 instead.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
+export PYTHONHASHSEED := 0
+export MPLBACKEND := module://matplotlib_inline.backend_inline
+
+.PHONY: setup model book test lab bench workshop clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt          # torch==2.13.0: the CPU wheel on disk
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+model: $(MODEL)
+
+$(MODEL): utils/build_model.py | $(STAMP)
+	$(PY) -m utils.build_model
+
+book: $(STAMP) $(MODEL)
+	$(PY) tools/execute.py $(NOTEBOOKS) --inplace --html build/html
+
+test: $(STAMP) $(MODEL)
+	$(PY) -m pytest -q -rs
+
+lab: $(STAMP) $(MODEL)
+	$(PY) -m pip install -q jupyterlab==4.6.6
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,18 @@
+"""Helpers derived in the PPO actor-loss notebooks, kept here so later notebooks import them.
+
+One module per idea (each docstring names the notebook that derives it):
+checks (input validation, ``cmp``), masking (``masked_mean``), logprobs (token
+log-probs), loss (``policy_loss``, ``PolicyLoss``), models (``load_policy``).
+"""
+
+from utils.checks import cmp
+from utils.logprobs import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, response_logits, sequence_logprobs
+from utils.loss import PolicyLoss, aggregate, clipped_surrogate, policy_loss
+from utils.masking import masked_mean, masked_sum, response_mask
+from utils.models import DEFAULT_MODEL_DIR, context_length, get_device, load_policy, set_seed
+
+__all__ = [
+    "cmp", "entropy_from_logits", "logprobs_from_logits", "position_ids_from_mask", "response_logits",
+    "sequence_logprobs", "PolicyLoss", "aggregate", "clipped_surrogate", "policy_loss", "masked_mean",
+    "masked_sum", "response_mask", "DEFAULT_MODEL_DIR", "context_length", "get_device", "load_policy", "set_seed",
+]

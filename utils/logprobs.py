@@ -1,0 +1,129 @@
+"""Per-token log-probabilities log pi(token | prefix) from a causal LM.
+
+Derived in notebooks/03_token_logprobs.ipynb; notebook 08 measures its memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from utils.models import context_length
+
+_CHUNK_ELEMENTS = 2**22  # at most 4M logits (16 MiB in fp32) of temporaries at a time
+
+
+def _row_chunks(n_rows: int, vocab: int) -> int:
+    """Rows per chunk: at most 1/16 of all rows and at most _CHUNK_ELEMENTS logits."""
+    return max(1, min(math.ceil(n_rows / 16), _CHUNK_ELEMENTS // vocab))
+
+
+def _check_temperature(temperature: float) -> float:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[label], without a full log-softmax copy.
+
+    logits: [..., V]; labels: [...] (same leading shape) -> [...] float.
+    Computes ``logit[label]/T - logsumexp(logits/T)`` over chunks of rows, so the
+    only [rows, V] temporaries are one chunk's, not a second [N, V] tensor
+    (the idea of TRL's ``selective_log_softmax``). Exact, and differentiable.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"shape mismatch: logits{list(logits.shape)} needs labels{list(logits.shape[:-1])}, got labels{list(labels.shape)}")
+    if labels.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
+    V = logits.shape[-1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= V):
+        raise ValueError(f"labels must lie in [0, {V}) (the vocabulary), got range [{int(labels.min())}, {int(labels.max())}]")
+    T = _check_temperature(temperature)
+    flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1).long()  # [N, V], [N]
+    step = _row_chunks(flat_logits.shape[0], V)
+    out = []
+    for i in range(0, flat_logits.shape[0], step):
+        rows = flat_logits[i : i + step]
+        if T != 1.0:
+            rows = rows / T  # one chunk-sized copy, not a full [N, V] one
+        picked = rows.gather(-1, flat_labels[i : i + step, None]).squeeze(-1)  # [n]
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    result = torch.cat(out).reshape(labels.shape) if out else flat_logits.new_zeros(labels.shape)
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError("logits hold NaN or inf: the log-probabilities are not finite")
+    return result
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits / temperature) at every position: [..., V] -> [...]."""
+    T = _check_temperature(temperature)
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    step = _row_chunks(flat.shape[0], V)
+    out = []
+    for i in range(0, flat.shape[0], step):
+        rows = flat[i : i + step] / T
+        logp = rows - torch.logsumexp(rows, -1, keepdim=True)
+        out.append(-(logp.exp() * logp).sum(-1))  # H = -sum p log p
+    return torch.cat(out).reshape(logits.shape[:-1]) if out else flat.new_zeros(logits.shape[:-1])
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, 2, ... counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prompt_len: int
+) -> torch.Tensor:
+    """Logits that predict the response tokens ``input_ids[:, prompt_len:]``.
+
+    input_ids: [B, T] (prompts left-padded to ``prompt_len``). Returns [B, T - prompt_len, V].
+    The shift by one lives here: the logits at position t predict token t + 1,
+    so the response's logits start at ``prompt_len - 1`` and the last position's are dropped.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+    B, T = input_ids.shape
+    if not 0 < prompt_len < T:
+        raise ValueError(f"prompt_len={prompt_len} must lie in [1, {T - 1}]: input_ids of length {T} need a prompt and a response")
+    n_ctx = context_length(model)
+    if T > n_ctx:
+        raise ValueError(f"prompt + response is {T} tokens, longer than the model's context of {n_ctx}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(f"shape mismatch: attention_mask{list(attention_mask.shape)} vs input_ids{list(input_ids.shape)}")
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=T - prompt_len + 1,  # skip the LM head on prompt positions we never score
+        use_cache=False,
+    )
+    return out.logits[:, :-1]  # [B, R, V]: drop the prediction after the last token
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prompt_len: int,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """log pi(response token | everything before it), for each response position.
+
+    input_ids: [B, T] = prompt (left-padded to ``prompt_len``) + response.
+    Returns log_probs [B, T - prompt_len] (and the per-token entropy, same shape,
+    if ``return_entropy``). ``temperature`` must be the one used for sampling.
+    """
+    logits = response_logits(model, input_ids, attention_mask, prompt_len)
+    log_probs = logprobs_from_logits(logits, input_ids[:, prompt_len:], temperature)
+    if not return_entropy:
+        return log_probs
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits, temperature)
+    return log_probs, entropy

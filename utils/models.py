@@ -1,0 +1,73 @@
+"""Load the policy: the bundled small GPT-2 by default, a hub name or a folder on request.
+
+The one setting: ``load_policy("gpt2")`` (or the environment variable
+``PPO_POLICY=gpt2``) switches every notebook to a hub model when you are online.
+Used from notebooks/00_map_and_model.ipynb on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "data" / "tiny-gpt2"
+POLICY_ENV = "PPO_POLICY"  # name or folder; unset = the bundled model
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's and torch's generators (all the randomness the series uses)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(verbose: bool = True) -> torch.device:
+    """Pick CUDA if present, else CPU, and say which. The series' sizes run fine on a CPU."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if verbose:
+        print(f"device: {dev}")
+    return dev
+
+
+def load_policy(name: str | os.PathLike | None = None, device: torch.device | str = "cpu"):
+    """Return ``(model, tokenizer)`` in eval mode.
+
+    name: None -> ``$PPO_POLICY`` if set, else the bundled ``data/tiny-gpt2`` that
+    ``make model`` builds; otherwise a folder written by ``save_pretrained`` or a hub
+    name such as ``"gpt2"`` / ``"distilgpt2"`` (needs the network or a warm HF cache).
+    The tokenizer gets ``pad_token = eos_token`` (GPT-2 has none) and left padding,
+    which batched generation needs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = name if name is not None else os.environ.get(POLICY_ENV) or DEFAULT_MODEL_DIR
+    path = Path(name).expanduser()
+    is_local = path.is_dir() or str(name) == str(DEFAULT_MODEL_DIR)
+    if is_local and not (path / "config.json").is_file():
+        hint = "run `make model` to build it" if path == DEFAULT_MODEL_DIR else "save one there with save_pretrained"
+        raise FileNotFoundError(f"no model at {path}: {hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name))
+        model = AutoModelForCausalLM.from_pretrained(str(name))
+    except OSError as err:  # hub names offline end here
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise RuntimeError(
+            f"could not load {str(name)!r}: {err.__class__.__name__}. "
+            + ("HF_HUB_OFFLINE is set and it is not in your Hugging Face cache; " if offline else "")
+            + "a hub name needs the network (or a cached copy). Offline, use the bundled model "
+            "(load_policy() with no name, after `make model`) or a folder written by save_pretrained."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 ships no pad token; masks tell pads apart
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts pad on the left
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def context_length(model) -> int:
+    """The longest sequence the model accepts (GPT-2: ``n_positions``)."""
+    cfg = model.config
+    return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
