@@ -42,6 +42,9 @@ def load_policy(name: str | os.PathLike | None = None, device: torch.device | st
     which batched generation needs.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in every notebook
 
     name = name if name is not None else os.environ.get(POLICY_ENV) or DEFAULT_MODEL_DIR
     path = Path(name).expanduser()
