@@ -5,7 +5,12 @@ checks (input validation, ``cmp``), masking (``masked_mean``), logprobs (token
 log-probs), loss (``policy_loss``, ``PolicyLoss``), models (``load_policy``).
 """
 
-from utils.checks import cmp
+import warnings
+
+# transformers imports tqdm.auto, which warns (with a file path) when ipywidgets is absent; we use plain tqdm.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+from utils.checks import cmp  # noqa: E402
 from utils.logprobs import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, response_logits, sequence_logprobs
 from utils.loss import PolicyLoss, aggregate, clipped_surrogate, policy_loss
 from utils.masking import masked_mean, masked_sum, response_mask

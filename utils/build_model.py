@@ -172,7 +172,8 @@ def build(out: Path = DEFAULT_MODEL_DIR, cfg: BuildConfig | None = None, quiet: 
     for i, prompt in enumerate(["ROMEO.\n", "First Citizen.\nWhat say you", "To be, or not"]):
         torch.manual_seed(cfg.seed + i)
         ids = tok(prompt, return_tensors="pt")
-        outp = model.generate(**ids, do_sample=True, top_k=0, temperature=0.8, max_new_tokens=40,
+        room = cfg.n_positions - ids["input_ids"].shape[1]  # never sample past the context window
+        outp = model.generate(**ids, do_sample=True, top_k=0, temperature=0.8, max_new_tokens=min(40, room),
                               pad_token_id=tok.eos_token_id)
         samples.append(tok.decode(outp[0]))
 

@@ -1,0 +1,54 @@
+"""Per-token estimates of KL(pi || pi_ref) from the log-probs of tokens sampled from pi.
+
+With ``log_ratio = log_probs - ref_log_probs = log pi(x) - log pi_ref(x)`` and x ~ pi
+(Schulman, "Approximating KL Divergence", 2020, http://joschu.net/blog/kl-approx.html):
+
+    k1 = log_ratio                              unbiased, high variance, negative on some samples
+    k2 = 0.5 * log_ratio**2                     biased (low bias when pi is close to pi_ref), always >= 0
+    k3 = exp(-log_ratio) - 1 + log_ratio        unbiased and always >= 0 ((r - 1) - log r with r = pi_ref/pi)
+
+These are the estimators of OpenRLHF ``compute_approx_kl`` and verl ``kl_penalty``
+(k3 is verl's "low_var_kl"); see docs/anchors.md section 4. Both trainers clamp the
+result (to [-10, 10]) in some versions; this module does not, and raises instead
+when a value overflows.
+
+Derived in notebooks/05_token_advantages.ipynb.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from utils.checks import check_finite, check_same_shape
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) for tokens sampled from pi.
+
+    log_probs, ref_log_probs: [...] (e.g. [B, T]), log pi and log pi_ref of the same sampled tokens.
+    Returns [...], same shape. Its mean over samples estimates the KL; a single k1 value can be
+    negative. Half-precision inputs are computed in float32 (exp of a bf16 log-ratio is coarse).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    check_same_shape(log_probs=log_probs, ref_log_probs=ref_log_probs)
+    check_finite(log_probs=log_probs, ref_log_probs=ref_log_probs)
+    if log_probs.dtype in (torch.float16, torch.bfloat16):
+        log_probs = log_probs.float()
+    if ref_log_probs.dtype in (torch.float16, torch.bfloat16):
+        ref_log_probs = ref_log_probs.float()
+    log_ratio = log_probs - ref_log_probs  # log pi/pi_ref: the sign matters, KL(pi || pi_ref) with x ~ pi
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.pow(2)
+    # k3: expm1 keeps the small-|log_ratio| case exact where exp(x) - 1 would cancel
+    kl = torch.expm1(-log_ratio) + log_ratio
+    if not bool(torch.isfinite(kl).all()):
+        raise ValueError(
+            f"k3 overflowed: min log_probs - ref_log_probs = {float(log_ratio.min()):.1f}, so exp(-log_ratio) is inf; "
+            "the policy is very far from the reference on some token"
+        )
+    return kl
