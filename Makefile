@@ -35,6 +35,9 @@ book: $(STAMP) $(MODEL)
 test: $(STAMP) $(MODEL)
 	$(PY) -m pytest -q -rs
 
+workshop: $(STAMP)
+	$(PY) tools/workshop.py
+
 lab: $(STAMP) $(MODEL)
 	$(PY) -m pip install -q jupyterlab==4.6.6
 	$(VENV)/bin/jupyter lab notebooks/

@@ -1,0 +1,101 @@
+"""utils.profiling: timing statistics by hand, peak memory against allocations of known size."""
+
+import time
+
+import pytest
+import torch
+
+from utils.profiling import Timing, format_bytes, format_seconds, peak_memory, peak_rss_delta, time_fn
+
+MB4 = 1000 * 1000 * 4  # bytes of a float32 [1000, 1000] tensor
+
+
+def test_timing_quartiles_by_hand():
+    t = Timing((5.0, 1.0, 4.0, 2.0, 3.0))  # sorted 1..5; inclusive quartiles sit on data points
+    assert (t.min, t.q1, t.median, t.q3, t.iqr) == (1.0, 2.0, 3.0, 4.0, 2.0)
+    one = Timing((0.25,))
+    assert (one.q1, one.median, one.q3, one.iqr) == (0.25, 0.25, 0.25, 0.0)
+    assert "n=5" in str(t) and "3.00 s" in str(t)
+    with pytest.raises(ValueError, match="times"):
+        Timing(())
+
+
+def test_time_fn_counts_calls_and_measures_sleep():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.01)
+
+    t = time_fn(fn, repeats=3, warmup=2)
+    assert len(calls) == 5 and len(t.times) == 3  # warm-up calls are made but not recorded
+    assert t.min >= 0.009 and t.median < 1.0
+    with pytest.raises(ValueError, match="repeats"):
+        time_fn(fn, repeats=0)
+    with pytest.raises(ValueError, match="warmup"):
+        time_fn(fn, warmup=-1)
+
+
+def test_format_helpers():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(3 * 2**20) == "3.0 MiB"
+    assert format_bytes(1.5 * 2**30) == "1.5 GiB"
+    assert format_seconds(2.5) == "2.50 s" and format_seconds(0.0123) == "12.3 ms" and format_seconds(5e-6) == "5 us"
+
+
+def test_peak_memory_one_tensor_is_its_size():
+    assert peak_memory(lambda: torch.ones(1000, 1000)) == MB4
+
+
+def test_peak_memory_sums_live_tensors_and_forgets_freed_ones():
+    def two_alive():
+        a = torch.ones(1000, 1000)
+        b = torch.ones(1000, 1000)
+        return a, b
+
+    def one_after_another():
+        a = torch.ones(1000, 1000)
+        del a  # freed before the next allocation: the peak is the larger one alone
+        return torch.ones(2000, 1000)
+
+    assert peak_memory(two_alive) == 2 * MB4
+    assert peak_memory(one_after_another) == 2 * MB4
+
+
+def test_peak_memory_counts_temporaries_inside_a_call():
+    x = torch.randn(300, 1000)
+
+    def sum_of_exp():  # exp materialises a [300, 1000] temporary, freed before the call returns
+        return float(x.exp().sum())
+
+    assert peak_memory(sum_of_exp) == x.numel() * 4 + 4  # the temporary + the 0-d sum
+
+
+def test_peak_memory_ignores_tensors_made_before_and_is_repeatable():
+    x = torch.randn(1000, 1000)
+    box = [x]
+    del x
+    assert peak_memory(lambda: box.clear()) == 0  # freeing an older tensor is not negative memory
+    y = torch.randn(500, 1000)
+    runs = {peak_memory(lambda: torch.log_softmax(y, -1)) for _ in range(3)}
+    assert runs == {500 * 1000 * 4}  # exact and the same every time
+
+
+def test_peak_memory_stops_profiler_on_error():
+    def boom():
+        torch.ones(10)
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        peak_memory(boom)
+    assert peak_memory(lambda: torch.ones(1000, 1000)) == MB4  # a second profiler starts fine
+
+
+def test_peak_rss_delta_sees_a_touched_buffer():
+    # b"x" * n writes every page, so the OS must back it; bytes(n) might be lazily zeroed pages.
+    big = peak_rss_delta("pass", "buf = b'x' * (200 * 2**20)")
+    small = peak_rss_delta("pass", "buf = b'x' * 1024")
+    assert 195 * 2**20 <= big <= 230 * 2**20
+    assert small < 5 * 2**20
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        peak_rss_delta("pass", "1 / 0")

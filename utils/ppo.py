@@ -1,0 +1,320 @@
+"""One prompt, one response, one PPO actor update: the seed note's loop on a real causal LM.
+
+    rollout:      prompt -> sample a response (eval mode, no grad) -> old and reference log-probs
+                  -> score from the reward function -> per-token rewards -> advantages
+    actor_update: K epochs of the clipped policy loss on that one rollout (AdamW, grad clipping)
+    train:        N rollouts of the same prompt, each followed by an actor update
+
+No critic (this series trains the actor only). The baseline that an advantage needs is the
+simplest critic there is: one number b for every state, an exponential moving average of past
+scores. With gamma = 1 this is the same as subtracting b from the score (REINFORCE with a
+baseline, plus the per-token KL penalty). Whitening is off by default: with one response per
+update, whitening over its tokens removes the score (every token carries the same score - b),
+and with one token it is undefined (see notebooks/05_token_advantages.ipynb).
+
+Derived in notebooks/06_actor_update.ipynb.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from utils.advantages import gae, token_rewards, whiten
+from utils.kl import KL_ESTIMATORS, kl_estimate
+from utils.logprobs import sequence_logprobs
+from utils.loss import AGG_MODES, PolicyLoss
+from utils.masking import masked_mean, masked_sum, response_mask
+from utils.models import context_length, set_seed
+
+BASELINES = ("ema", "none")
+
+
+@dataclass
+class ActorConfig:
+    """Every switch of the single-prompt actor update, with the series' defaults."""
+
+    # --- sampling (rollout) ---
+    max_new_tokens: int = 24
+    """the most tokens a response may have; generation also stops at EOS"""
+    temperature: float = 1.0
+    """sampling temperature; the log-probs of the loss use the same one (pi is softmax(logits / T))"""
+
+    # --- per-token rewards and advantages ---
+    kl_coef: float = 0.05
+    """beta: each response token's reward gets -beta * KL_t against the frozen reference model"""
+    kl_estimator: str = "k1"
+    """per-token KL estimator in the reward: "k1" (log pi - log pi_ref, OpenRLHF/TRL default), "k2" or "k3\""""
+    gamma: float = 1.0
+    """discount over response tokens; 1.0 in OpenRLHF, verl and TRL"""
+    lam: float = 1.0
+    """GAE lambda. 1.0 (OpenRLHF, verl defaults): every token's advantage is score - b - beta * (KL still to come).
+    With no critic, lam < 1 (TRL and DeepSpeed-Chat use 0.95 with a learned critic) only shrinks the score's
+    credit for early tokens by lam**(distance to the end)"""
+    baseline: str = "ema"
+    """"ema": b = moving average of past scores, used as a constant value V_t = b; "none": b = 0 (plain REINFORCE)"""
+    baseline_decay: float = 0.9
+    """EMA decay: after each rollout b <- decay * b + (1 - decay) * score"""
+    baseline_init: float = 0.0
+    """b before the first rollout"""
+    whiten_advantages: bool = False
+    """whiten the advantages over the rollout's tokens; off: with batch size 1 it erases the score (notebook 05)"""
+
+    # --- the actor update ---
+    ppo_epochs: int = 4
+    """K: gradient steps on each rollout (the ratio is exactly 1 only in the first)"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float | None = 1.0
+    """clip the global gradient norm to this before each step (None: no clipping, the norm is still logged)"""
+    clip_eps: float = 0.2
+    """PPO clip range: the ratio pi/pi_old is clipped to [1 - clip_eps, 1 + clip_eps_high]"""
+    clip_eps_high: float | None = None
+    """upper clip range ("clip-higher", DAPO); None = clip_eps"""
+    dual_clip: float | None = None
+    """c > 1 caps the loss of negative-advantage tokens at -c * A (verl uses 3.0); None = off"""
+    agg: str = "seq-mean-token-mean"
+    """how per-token losses become one number: "seq-mean-token-mean", "token-mean" or "seq-mean-token-sum\""""
+    dropout_in_update: bool = False
+    """False: the policy stays in eval mode (dropout off) during the update, as TRL disables dropout; True: train()
+    mode, so the first epoch's ratio is no longer 1 (the bundled model has dropout 0.1)"""
+    seed: int = 0
+    """seeds sampling in ``train`` (torch and Python RNGs)"""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        for name in ("gamma", "lam", "baseline_decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if not (isinstance(self.ppo_epochs, int) and self.ppo_epochs >= 1):
+            raise ValueError(f"ppo_epochs must be an int >= 1, got {self.ppo_epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.agg not in AGG_MODES:
+            raise ValueError(f"agg must be one of {AGG_MODES}, got {self.agg!r}")
+        PolicyLoss(self.clip_eps, self.clip_eps_high, self.dual_clip, self.agg)  # validates the clip settings
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip!r}")
+
+
+@dataclass
+class Rollout:
+    """One sampled response and everything the actor update needs. Tensors are [1, T] or [1, R], R = T - prompt_len."""
+
+    input_ids: torch.Tensor  # [1, T] prompt + response (pads after EOS)
+    attention_mask: torch.Tensor  # [1, T] 1 on the prompt and the kept response tokens
+    prompt_len: int
+    action_mask: torch.Tensor  # [1, R] bool: response tokens up to and including the first EOS
+    old_log_probs: torch.Tensor  # [1, R] log pi_old(token), no grad, at cfg.temperature
+    ref_log_probs: torch.Tensor  # [1, R] log pi_ref(token), no grad, at cfg.temperature
+    kl: torch.Tensor  # [1, R] per-token KL estimate (cfg.kl_estimator) of pi_old vs pi_ref
+    score: float  # the reward function's number for the response text
+    baseline: float  # b, the constant value estimate subtracted through the values
+    values: torch.Tensor  # [1, R] b on kept tokens
+    rewards: torch.Tensor  # [1, R] -kl_coef * kl, plus the score on the last kept token
+    advantages: torch.Tensor  # [1, R]
+    returns: torch.Tensor  # [1, R] advantages + values
+    response: str  # the decoded response (special tokens skipped)
+
+    @property
+    def response_len(self) -> int:
+        """Number of kept response tokens (EOS included when it was sampled)."""
+        return int(self.action_mask.sum())
+
+
+def reference_model(policy: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the policy: eval mode, no gradients. The KL penalty measures the distance to it."""
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sample_responses(policy, tokenizer, prompt: str, cfg: ActorConfig, n: int = 1):
+    """Sample ``n`` responses to one prompt from softmax(logits / T) (no top-k, no top-p), in eval mode.
+
+    Returns ``(input_ids [n, T], attention_mask [n, T], prompt_len, action_mask [n, T - prompt_len])``.
+    Uses the global torch RNG (seed it for reproducible samples).
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("prompt must be a non-empty string")
+    enc = tokenizer(prompt, return_tensors="pt")
+    prompt_ids = enc["input_ids"].to(_device(policy))  # [1, P]
+    prompt_len = prompt_ids.shape[1]
+    n_ctx = context_length(policy)
+    if prompt_len + cfg.max_new_tokens > n_ctx:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the context of {n_ctx}")
+    was_training = policy.training
+    policy.eval()  # dropout off: the sampling policy must be the one whose log-probs we store
+    out = policy.generate(
+        input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True,
+        temperature=cfg.temperature, top_k=0, top_p=1.0,  # sample from the full softmax(logits / T), as the loss assumes
+        max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # [n, T]
+    policy.train(was_training)
+    if out.shape[1] == prompt_len:
+        raise RuntimeError("generation returned no new token")
+    action_mask = response_mask(out, prompt_len, tokenizer.eos_token_id)  # [n, R]
+    attention_mask = torch.cat([torch.ones_like(out[:, :prompt_len]), action_mask.long()], dim=1)  # pads after EOS -> 0
+    return out, attention_mask, prompt_len, action_mask
+
+
+def rollout(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, baseline: float = 0.0) -> Rollout:
+    """Sample one response to ``prompt`` and compute everything the actor update needs.
+
+    reward_fn(text: str) -> float scores the decoded response. ``baseline`` is b, used as a constant
+    value V_t = b on every kept token (no critic). Old and reference log-probs are computed under
+    ``torch.no_grad`` in eval mode, at ``cfg.temperature``.
+    """
+    input_ids, attention_mask, prompt_len, action_mask = sample_responses(policy, tokenizer, prompt, cfg, n=1)
+    with torch.no_grad():
+        was_training = policy.training
+        policy.eval()
+        old_log_probs = sequence_logprobs(policy, input_ids, attention_mask, prompt_len, cfg.temperature)  # [1, R]
+        policy.train(was_training)
+        ref.eval()
+        ref_log_probs = sequence_logprobs(ref, input_ids, attention_mask, prompt_len, cfg.temperature)  # [1, R]
+    response = tokenizer.decode(input_ids[0, prompt_len:][action_mask[0]], skip_special_tokens=True)
+    score = float(reward_fn(response))
+    if not math.isfinite(score):
+        raise ValueError(f"reward_fn returned {score!r} for {response!r}")
+    kl = kl_estimate(old_log_probs, ref_log_probs, cfg.kl_estimator)  # [1, R]
+    rewards = token_rewards(torch.tensor([score], dtype=kl.dtype, device=kl.device), kl, action_mask, cfg.kl_coef)
+    values = torch.where(action_mask, float(baseline), 0.0).to(rewards.dtype)  # the constant critic V_t = b
+    advantages, returns = gae(rewards, values, cfg.gamma, cfg.lam, action_mask)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, action_mask)  # raises on a one-token response
+    return Rollout(
+        input_ids=input_ids, attention_mask=attention_mask, prompt_len=prompt_len, action_mask=action_mask,
+        old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, kl=kl, score=score, baseline=float(baseline),
+        values=values, rewards=rewards, advantages=advantages, returns=returns, response=response,
+    )
+
+
+def make_optimizer(policy: torch.nn.Module, cfg: ActorConfig) -> torch.optim.Optimizer:
+    """AdamW over the policy's trainable parameters with ``cfg.lr`` and ``cfg.weight_decay``."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def actor_update(policy, optimizer: torch.optim.Optimizer, rollout: Rollout, cfg: ActorConfig) -> list[dict]:
+    """K = ``cfg.ppo_epochs`` PPO steps on one rollout; returns one diagnostics dict per epoch.
+
+    Each epoch: new log-probs (with grad) -> PolicyLoss against the rollout's old log-probs ->
+    backward -> clip the gradient norm -> AdamW step. The diagnostics are measured before that
+    epoch's step: loss, clip_frac, ratio_min/max/mean, approx_kl_k1/k3 (to pi_old), entropy (nats,
+    mean over kept tokens) and grad_norm (before clipping).
+    """
+    loss_fn = PolicyLoss(cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, cfg.agg)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    policy.train(cfg.dropout_in_update)  # eval() by default: dropout would make pi differ from the pi_old we stored
+    history = []
+    try:
+        for epoch in range(cfg.ppo_epochs):
+            log_probs, entropy = sequence_logprobs(
+                policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, cfg.temperature, return_entropy=True
+            )  # [1, R] each; log_probs carries the graph
+            loss = loss_fn(log_probs, rollout.old_log_probs, rollout.advantages, rollout.action_mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # before step(), or it clips nothing
+            optimizer.step()
+            history.append({
+                "epoch": epoch, "loss": loss.item(), **loss_fn.last_info,
+                "entropy": float(masked_mean(entropy, rollout.action_mask)), "grad_norm": float(grad_norm),
+            })
+    finally:
+        policy.eval()
+    return history
+
+
+def _ema(baseline: float, score: float, cfg: ActorConfig) -> float:
+    if cfg.baseline == "none":
+        return 0.0
+    return cfg.baseline_decay * baseline + (1.0 - cfg.baseline_decay) * score
+
+
+def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_rollouts: int, progress: bool = True,
+          optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
+    """N rollouts of the same prompt, each followed by ``actor_update``; returns one dict per update.
+
+    Each dict: step, score, baseline, advantage (score - b), kl_ref_k1_mean / kl_ref_k1_sum /
+    kl_ref_k3_mean (KL of the sampling policy to the reference over the response, per token and summed,
+    measured at the rollout, before the update), response_len, and from the PPO epochs: loss (first
+    epoch), clip_frac (mean over epochs), approx_kl_k3 (last epoch, to pi_old), ratio_min / ratio_max
+    (over all epochs), entropy (first epoch), grad_norm (mean), plus the response text.
+    Seeds torch with ``cfg.seed`` first, so the same call gives the same history.
+    """
+    if not (isinstance(n_rollouts, int) and n_rollouts >= 1):
+        raise ValueError(f"n_rollouts must be an int >= 1, got {n_rollouts!r}")
+    set_seed(cfg.seed)
+    optimizer = optimizer if optimizer is not None else make_optimizer(policy, cfg)
+    ref.eval()
+    baseline = cfg.baseline_init if cfg.baseline == "ema" else 0.0
+    history = []
+    bar = tqdm(range(n_rollouts), desc="rollouts", disable=not progress)
+    for step in bar:
+        ro = rollout(policy, ref, tokenizer, prompt, reward_fn, cfg, baseline=baseline)
+        epochs = actor_update(policy, optimizer, ro, cfg)
+        log_ratio_ref = ro.old_log_probs - ro.ref_log_probs  # [1, R]
+        history.append({
+            "step": step, "score": ro.score, "baseline": baseline, "advantage": ro.score - baseline,
+            "kl_ref_k1_mean": float(masked_mean(log_ratio_ref, ro.action_mask)),
+            "kl_ref_k1_sum": float(masked_sum(log_ratio_ref, ro.action_mask)),
+            "kl_ref_k3_mean": float(masked_mean(kl_estimate(ro.old_log_probs, ro.ref_log_probs, "k3"), ro.action_mask)),
+            "response_len": ro.response_len,
+            "loss": epochs[0]["loss"],
+            "clip_frac": sum(e["clip_frac"] for e in epochs) / len(epochs),
+            "approx_kl_k3": epochs[-1]["approx_kl_k3"],
+            "ratio_min": min(e["ratio_min"] for e in epochs), "ratio_max": max(e["ratio_max"] for e in epochs),
+            "entropy": epochs[0]["entropy"],
+            "grad_norm": sum(e["grad_norm"] for e in epochs) / len(epochs),
+            "response": ro.response,
+        })
+        baseline = _ema(baseline, ro.score, cfg)
+        if progress:
+            bar.set_postfix(score=f"{ro.score:.1f}", b=f"{baseline:.2f}")
+    return history
+
+
+def sample_scores(policy, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n: int = 32, seed: int = 1234,
+                  return_texts: bool = False):
+    """Scores of ``n`` fresh responses to ``prompt`` (one batched generation), to estimate the expected reward.
+
+    Returns a float tensor [n] (and the list of texts if ``return_texts``). Deterministic under ``seed``,
+    and leaves the global RNG as it found it.
+    """
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        input_ids, _, prompt_len, action_mask = sample_responses(policy, tokenizer, prompt, cfg, n=n)
+    texts = [tokenizer.decode(ids[prompt_len:][m], skip_special_tokens=True) for ids, m in zip(input_ids, action_mask)]
+    scores = torch.tensor([float(reward_fn(t)) for t in texts])
+    return (scores, texts) if return_texts else scores
+
+
+def config_table(cfg: ActorConfig) -> str:
+    """The config as aligned ``name = value`` lines, for printing in a notebook."""
+    return "\n".join(f"{k:18s} = {v!r}" for k, v in asdict(cfg).items())

@@ -1,0 +1,213 @@
+"""Wall-clock time and peak CPU memory of a call: the numbers notebook 08 and ``make bench`` report.
+
+- ``time_fn(fn, repeats, warmup) -> Timing``: seconds per call, with the spread
+  (median, quartiles, min) over repeats, because one timing on a shared machine
+  is one sample of noise.
+- ``peak_memory(fn) -> int``: the largest number of bytes that ``fn()`` had
+  allocated (and not yet freed) at any moment, above what was live before it.
+  Read from the CPU allocator's own bookkeeping through ``torch.profiler``
+  (``profile_memory=True``): every allocation and free made through PyTorch's
+  CPU allocator is an event carrying the running total of bytes allocated since
+  profiling began, and the peak is the largest running total. Exact to the
+  byte and repeatable; it counts tensors (and temporaries inside kernels that
+  use the allocator), not Python objects or memory outside PyTorch.
+- ``peak_rss_delta(setup, stmt)``: the cross-check, from outside. Runs ``setup``
+  in a fresh Python, resets the kernel's peak-RSS mark, runs ``stmt`` and
+  returns how far the peak resident set (``VmHWM``) rose above the resident set
+  before ``stmt``. It sees everything the operating system sees, but it is
+  coarse: the C library keeps some freed memory for reuse, so runs can differ
+  by megabytes, and each call pays for a new interpreter (about 2 s with
+  torch). Linux only. (``ru_maxrss`` is no use here: a child inherits its
+  parent's peak at fork.)
+
+Derived in notebooks/08_making_it_fast.ipynb.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds taken by each repeat of a call; summarise with the median and IQR, or the min."""
+
+    times: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.times:
+            raise ValueError("times is empty: a Timing needs at least one measurement")
+
+    @property
+    def median(self) -> float:
+        """Median seconds per call."""
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        """Fastest repeat: the one least disturbed by other work on the machine."""
+        return min(self.times)
+
+    @property
+    def q1(self) -> float:
+        """First quartile (seconds); equals the median for a single repeat."""
+        return _quartiles(self.times)[0]
+
+    @property
+    def q3(self) -> float:
+        """Third quartile (seconds); equals the median for a single repeat."""
+        return _quartiles(self.times)[2]
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range q3 - q1 (seconds): the spread of the middle half of the repeats."""
+        return self.q3 - self.q1
+
+    def __str__(self) -> str:
+        return (f"{format_seconds(self.median)} (IQR {format_seconds(self.q1)}-{format_seconds(self.q3)}, "
+                f"min {format_seconds(self.min)}, n={len(self.times)})")
+
+
+def _quartiles(xs: tuple[float, ...]) -> tuple[float, float, float]:
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def format_seconds(s: float) -> str:
+    """Seconds as a short string in s, ms or us."""
+    if s >= 1.0:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} us"
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as a short string in B, KiB, MiB or GiB (powers of 1024)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timing:
+    """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; return the Timing.
+
+    The warm-up pays one-off costs (first-touch of memory, lazy initialisation)
+    that a steady training loop does not pay on every step.
+    """
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    for _ in range(warmup):
+        fn()
+    gc.collect()  # so a collection triggered by earlier garbage does not land inside one repeat
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(tuple(times))
+
+
+@contextmanager
+def _quiet_stderr_fd() -> Iterator[None]:
+    """Silence file descriptor 2 briefly: the profiler's C++ library prints a line on start and stop."""
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError):
+        pass
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _walk(nodes) -> Iterator:
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by ``fn()`` through PyTorch's CPU allocator, above what was live before it.
+
+    Counts every tensor ``fn`` creates, including those it returns (they are
+    live when it ends) and the temporaries freed inside it; frees of tensors
+    created before the call do not lower the count. Runs ``fn`` once, under
+    ``torch.profiler`` with ``profile_memory=True`` (which slows the call, so
+    time it separately with ``time_fn``). Each allocation event records the
+    allocator's running total (``total_allocated``); the answer is the largest
+    total minus the total before the first event. The event tree is the same
+    record ``torch.profiler``'s ``export_memory_timeline`` reads.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr_fd():
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr_fd():
+            prof.stop()
+    allocs = [
+        n for n in _walk(prof.profiler.kineto_results.experimental_event_tree())
+        if type(n.extra_fields).__name__ == "_ExtraFields_Allocation" and n.extra_fields.device.type == "cpu"
+    ]
+    if not allocs:
+        return 0
+    first = min(allocs, key=lambda n: n.start_time_ns).extra_fields
+    before = first.total_allocated - first.alloc_size  # the running total just before fn's first allocation
+    return max(0, max(n.extra_fields.total_allocated for n in allocs) - before)
+
+
+_RSS_PROBE = """
+def _status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+{setup}
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM (the peak RSS) to the current RSS, forgetting setup's own peak
+_r0 = _status("VmRSS")
+{stmt}
+print("RSS_DELTA_KIB", _status("VmHWM") - _r0)
+"""
+
+
+def peak_rss_delta(setup: str, stmt: str, timeout: float = 300.0) -> int:
+    """Bytes by which a fresh process's peak resident memory rises while it runs ``stmt`` after ``setup``.
+
+    setup, stmt: Python source (each a block of statements at top level).
+    ``setup`` should create and touch the inputs; the answer is the peak RSS
+    during ``stmt`` minus the RSS just before it (Linux ``/proc/self/status``,
+    in KiB, returned in bytes). Raises ``RuntimeError`` with the child's stderr
+    if the child fails, and on systems without ``/proc``.
+    """
+    if not os.path.exists("/proc/self/status"):
+        raise RuntimeError("peak_rss_delta reads /proc/self/status and needs Linux")
+    code = _RSS_PROBE.format(setup=setup, stmt=stmt)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    for line in out.stdout.splitlines():
+        if line.startswith("RSS_DELTA_KIB "):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"the measuring process failed (exit {out.returncode}): {out.stderr.strip()[-800:]}")
