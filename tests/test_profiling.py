@@ -68,7 +68,8 @@ def test_peak_memory_counts_temporaries_inside_a_call():
     def sum_of_exp():  # exp materialises a [300, 1000] temporary, freed before the call returns
         return float(x.exp().sum())
 
-    assert peak_memory(sum_of_exp) == x.numel() * 4 + 4  # the temporary + the 0-d sum
+    peak = peak_memory(sum_of_exp)  # the temporary + a few bytes for the 0-d sum (and its partial sums)
+    assert x.numel() * 4 < peak <= x.numel() * 4 + 64
 
 
 def test_peak_memory_ignores_tensors_made_before_and_is_repeatable():
@@ -93,9 +94,11 @@ def test_peak_memory_stops_profiler_on_error():
 
 def test_peak_rss_delta_sees_a_touched_buffer():
     # b"x" * n writes every page, so the OS must back it; bytes(n) might be lazily zeroed pages.
-    big = peak_rss_delta("pass", "buf = b'x' * (200 * 2**20)")
-    small = peak_rss_delta("pass", "buf = b'x' * 1024")
-    assert 195 * 2**20 <= big <= 230 * 2**20
+    n = 200 * 2**20
+    big = peak_rss_delta(f"n = {n}", "buf = b'x' * n")
+    # setup's own peak (a 300 MiB temporary) is forgotten: only what stmt adds counts
+    small = peak_rss_delta("tmp = b'x' * (300 * 2**20)\ndel tmp", "buf = b'x' * 1024")
+    assert n <= big <= n + 10 * 2**20
     assert small < 5 * 2**20
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         peak_rss_delta("pass", "1 / 0")

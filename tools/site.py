@@ -132,7 +132,7 @@ class Entry:
         return max(1, math.ceil(self.words / WORDS_PER_MIN + self.code_lines / CODE_LINES_PER_MIN))
 
 
-def _first_sentences(text: str, limit: int = 320) -> str:
+def _first_sentences(text: str, limit: int = 450) -> str:
     """The paragraph, or as many whole sentences of it as fit in ``limit`` characters."""
     text = " ".join(text.split())
     if len(text) <= limit:
@@ -165,13 +165,21 @@ def describe(path: Path, nb) -> Entry:
 
 
 def inline_markdown(text: str) -> str:
-    """The few inline markdown forms a blurb uses (`code`, **bold**, *em*, [link](url)) as HTML."""
-    out = html.escape(text, quote=False)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
-    out = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", out)
-    out = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"\1", out)  # keep the words; links go to the page itself
-    return out
+    """The few inline markdown forms a blurb uses (`code`, **bold**, *em*, [link](url)) as HTML.
+
+    Code spans and $math$ are cut out first, so a ``*`` inside them is never read as emphasis.
+    """
+    out = []
+    for i, part in enumerate(re.split(r"(`[^`]+`|\$[^$]+\$)", text)):
+        if i % 2:  # a code span or inline math, kept verbatim (math is rendered by KaTeX in the page)
+            out.append(f"<code>{html.escape(part[1:-1], quote=False)}</code>" if part.startswith("`") else html.escape(part, quote=False))
+            continue
+        part = html.escape(part, quote=False)
+        part = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", part)
+        part = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", part)
+        part = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"\1", part)  # keep the words; the row links to the page
+        out.append(part)
+    return "".join(out)
 
 
 # ---------------------------------------------------------------- pages

@@ -40,7 +40,9 @@ def check_mask(mask: torch.Tensor, name: str = "action_mask") -> torch.Tensor:
 
 def check_clip_eps(value: float, name: str = "clip_eps") -> float:
     """Raise unless ``0 < value < 1`` (PPO's clipping range)."""
-    if not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()  # a 0-d tensor is fine; judge its value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
         raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
     return float(value)
 

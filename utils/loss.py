@@ -79,7 +79,7 @@ def policy_loss(
     clip_eps is the lower clip eps_low; clip_eps_high (default: = clip_eps) the upper one ("clip-higher",
     DAPO); dual_clip: c > 1 caps the loss of A < 0 tokens at -c*A. Returns ``(loss, info)``; ``info``
     holds floats over the kept tokens: clip_frac (tokens where the clipped branch is taken, so their
-    gradient is zero), approx_kl_k1 and approx_kl_k3 (estimates of KL(pi_old || pi_theta)), ratio_mean,
+    gradient is zero; dual-clipped tokens are counted in dual_clip_frac instead), approx_kl_k1 and approx_kl_k3 (estimates of KL(pi_old || pi_theta)), ratio_mean,
     ratio_min, ratio_max, and dual_clip_frac when dual_clip is set.
     """
     check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, action_mask=action_mask)
@@ -88,6 +88,7 @@ def policy_loss(
         clip_eps_high = check_clip_eps(clip_eps_high, "clip_eps_high")
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (it caps the loss at -c*A beyond the 1+eps clip), got {dual_clip!r}")
+    # every position, masked ones too: an inf there would still turn the gradient into NaN (0 * inf)
     check_finite(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)
     if action_mask is not None:
         action_mask = check_mask(action_mask)
@@ -133,6 +134,8 @@ class PolicyLoss(nn.Module):
         super().__init__()
         self.clip_eps = check_clip_eps(clip_eps)
         self.clip_eps_high = None if clip_eps_high is None else check_clip_eps(clip_eps_high, "clip_eps_high")
+        if dual_clip is not None and not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
         self.dual_clip = dual_clip
         if agg not in AGG_MODES:
             raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")

@@ -1,0 +1,186 @@
+"""utils.ppo: one rollout, one actor update, a short train, on the bundled model and on a fresh random one."""
+
+import copy
+
+import pytest
+import torch
+
+from utils import load_policy, sequence_logprobs
+from utils.masking import masked_sum
+from utils.ppo import (
+    ActorConfig, Rollout, actor_update, make_optimizer, reference_model, rollout, sample_responses, sample_scores, train,
+)
+from utils.rewards import WordReward
+
+PROMPT = "ROMEO.\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A 1.35M-parameter model gains nothing from 2 threads, and on a busy machine they spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    torch.manual_seed(0)
+    return load_policy()
+
+
+def fresh(bundled):
+    policy, tok = bundled
+    policy = copy.deepcopy(policy)
+    return policy, reference_model(policy), tok
+
+
+def constant_reward(value):
+    return lambda text: value
+
+
+def test_rollout_fields_and_advantages(bundled):
+    policy, ref, tok = fresh(bundled)
+    cfg = ActorConfig(max_new_tokens=10, kl_coef=0.1, gamma=1.0, lam=1.0)
+    with torch.no_grad():  # make the policy differ from the reference so the KL is not all zero
+        policy.transformer.wte.weight.mul_(1.05)
+    torch.manual_seed(0)
+    ro = rollout(policy, ref, tok, PROMPT, WordReward(), cfg, baseline=0.25)
+    assert isinstance(ro, Rollout)
+    R = ro.input_ids.shape[1] - ro.prompt_len
+    for name in ("action_mask", "old_log_probs", "ref_log_probs", "kl", "rewards", "advantages", "returns", "values"):
+        assert getattr(ro, name).shape == (1, R), name
+    assert 1 <= ro.response_len <= 10
+    assert ro.score == WordReward()(ro.response)
+    assert not ro.old_log_probs.requires_grad and not ro.ref_log_probs.requires_grad
+    # independent check of the reward shaping with gamma = lam = 1: A_t = (score - b) - beta * sum_{t' >= t} kl_t'
+    kl = torch.where(ro.action_mask, ro.old_log_probs - ro.ref_log_probs, 0.0)[0]
+    assert float(kl.abs().sum()) > 0
+    kl_to_go = torch.flip(torch.cumsum(torch.flip(kl, [0]), 0), [0])
+    want = torch.where(ro.action_mask[0], (ro.score - 0.25) - 0.1 * kl_to_go, 0.0)
+    torch.testing.assert_close(ro.advantages[0], want)
+    torch.testing.assert_close(ro.returns, ro.advantages + ro.values)
+    last = int(ro.action_mask[0].nonzero().max())
+    assert ro.rewards[0, last] == pytest.approx(ro.score - 0.1 * float(kl[last]))
+
+
+def test_first_epoch_ratio_is_exactly_one_in_eval_mode(bundled):
+    policy, ref, tok = fresh(bundled)
+    cfg = ActorConfig(max_new_tokens=8, ppo_epochs=3, lr=1e-4)
+    torch.manual_seed(1)
+    ro = rollout(policy, ref, tok, PROMPT, constant_reward(1.0), cfg)
+    hist = actor_update(policy, make_optimizer(policy, cfg), ro, cfg)
+    assert len(hist) == 3
+    first = hist[0]
+    assert first["ratio_min"] == 1.0 and first["ratio_max"] == 1.0 and first["clip_frac"] == 0.0
+    assert first["approx_kl_k1"] == 0.0
+    assert hist[-1]["ratio_max"] != 1.0  # the steps moved the policy
+    assert {"loss", "clip_frac", "ratio_mean", "approx_kl_k3", "entropy", "grad_norm"} <= set(first)
+    assert not policy.training  # left in eval mode
+
+
+def test_dropout_in_update_breaks_ratio_one(bundled):
+    policy, ref, tok = fresh(bundled)
+    cfg = ActorConfig(max_new_tokens=8, ppo_epochs=1, dropout_in_update=True)
+    torch.manual_seed(1)
+    ro = rollout(policy, ref, tok, PROMPT, constant_reward(1.0), cfg)
+    hist = actor_update(policy, make_optimizer(policy, cfg), ro, cfg)
+    assert hist[0]["ratio_max"] - hist[0]["ratio_min"] > 1e-3  # dropout noise, before any step
+
+
+@pytest.mark.parametrize("score,sign", [(1.0, +1), (-1.0, -1)])
+def test_update_moves_logprobs_in_the_advantage_direction(bundled, score, sign):
+    policy, ref, tok = fresh(bundled)
+    cfg = ActorConfig(max_new_tokens=8, ppo_epochs=2, lr=1e-4, kl_coef=0.0, baseline="none")
+    torch.manual_seed(2)
+    ro = rollout(policy, ref, tok, PROMPT, constant_reward(score), cfg)
+    assert bool((torch.sign(ro.advantages[ro.action_mask]) == sign).all())
+    before = float(masked_sum(ro.old_log_probs, ro.action_mask))
+    actor_update(policy, make_optimizer(policy, cfg), ro, cfg)
+    with torch.no_grad():
+        after = float(masked_sum(sequence_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_len), ro.action_mask))
+    assert sign * (after - before) > 0.01
+
+
+def test_short_train_is_deterministic_and_logs(bundled):
+    cfg = ActorConfig(max_new_tokens=6, ppo_epochs=2, seed=3)
+    runs = []
+    for _ in range(2):
+        policy, ref, tok = fresh(bundled)
+        runs.append(train(policy, ref, tok, PROMPT, WordReward(), cfg, n_rollouts=3, progress=False))
+    assert len(runs[0]) == 3
+    keys = {"score", "baseline", "kl_ref_k1_mean", "kl_ref_k1_sum", "kl_ref_k3_mean", "clip_frac", "loss", "response"}
+    assert keys <= set(runs[0][0])
+    assert runs[0][0]["kl_ref_k1_mean"] == 0.0  # the first rollout comes from the reference itself
+    assert [h["response"] for h in runs[0]] == [h["response"] for h in runs[1]]
+    assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]
+    # EMA baseline: b_{n+1} = 0.9 b_n + 0.1 score_n, from b_0 = 0
+    b = 0.0
+    for h in runs[0]:
+        assert h["baseline"] == pytest.approx(b)
+        b = 0.9 * b + 0.1 * h["score"]
+
+
+def test_sample_scores_deterministic_and_leaves_rng(bundled):
+    policy, tok = bundled
+    cfg = ActorConfig(max_new_tokens=6)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    s1, texts = sample_scores(policy, tok, PROMPT, WordReward(), cfg, n=8, seed=7, return_texts=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    s2 = sample_scores(policy, tok, PROMPT, WordReward(), cfg, n=8, seed=7)
+    assert s1.shape == (8,) and torch.equal(s1, s2)
+    assert s1.tolist() == [WordReward()(t) for t in texts]
+
+
+def test_early_eos_rows_are_masked(bundled):
+    policy, tok = bundled
+    tok = copy.deepcopy(tok)
+    newline = tok("\n")["input_ids"][0]
+    tok.eos_token = tok.convert_ids_to_tokens(newline)  # a frequent token as EOS, so rows end early
+    tok.pad_token = tok.convert_ids_to_tokens(0)
+    torch.manual_seed(0)
+    ids, attn, P, mask = sample_responses(policy, tok, "ROMEO.", ActorConfig(max_new_tokens=12), n=16)
+    resp = ids[:, P:]
+    ended = (resp == newline).any(-1)
+    assert bool(ended.any()) and bool((~mask).any())
+    for row, m, a in zip(resp, mask, attn[:, P:]):
+        hits = (row == newline).nonzero()
+        n_kept = int(hits[0]) + 1 if len(hits) else row.shape[0]
+        assert m.tolist() == [True] * n_kept + [False] * (row.shape[0] - n_kept)  # EOS kept, pads after it not
+        assert torch.equal(a.bool(), m)
+
+
+def test_runs_unchanged_on_a_random_model_from_a_folder(tmp_path, bundled):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok = bundled
+    torch.manual_seed(0)
+    cfg_model = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg_model).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy, tok2 = load_policy(tmp_path)
+    ref = reference_model(policy)
+    cfg = ActorConfig(max_new_tokens=5, ppo_epochs=2)
+    hist = train(policy, ref, tok2, PROMPT, constant_reward(1.0), cfg, n_rollouts=2, progress=False)
+    assert len(hist) == 2 and all(h["grad_norm"] > 0 for h in hist)
+    with pytest.raises(ValueError, match="context"):
+        rollout(policy, ref, tok2, PROMPT, WordReward(), ActorConfig(max_new_tokens=64))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"clip_eps": 1.5}, "clip_eps"), ({"kl_estimator": "k5"}, "kl_estimator"), ({"lam": 1.2}, "lam"),
+    ({"agg": "mean"}, "agg"), ({"ppo_epochs": 0}, "ppo_epochs"), ({"baseline": "critic"}, "baseline"),
+    ({"temperature": 0.0}, "temperature"), ({"dual_clip": 0.5}, "dual_clip"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ActorConfig(**kwargs)
+
+
+def test_whitening_one_token_response_raises(bundled):
+    policy, ref, tok = fresh(bundled)
+    with pytest.raises(ValueError, match="at least 2"):
+        rollout(policy, ref, tok, PROMPT, constant_reward(1.0), ActorConfig(max_new_tokens=1, whiten_advantages=True))
