@@ -13,7 +13,7 @@ export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONHASHSEED := 0
 export MPLBACKEND := module://matplotlib_inline.backend_inline
 
-.PHONY: setup model book test lab bench workshop clean
+.PHONY: setup model book test lab bench workshop clean browser
 
 setup: $(STAMP)
 
@@ -22,6 +22,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt          # torch==2.13.0: the CPU wheel on disk
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) tools/site.py --fetch                           # KaTeX from the npm registry, once
 	touch $@
 
 model: $(MODEL)
@@ -30,9 +31,15 @@ $(MODEL): utils/build_model.py | $(STAMP)
 	$(PY) -m utils.build_model
 
 book: $(STAMP) $(MODEL)
-	$(PY) tools/execute.py $(NOTEBOOKS) --inplace --html build/html
+	$(PY) tools/execute.py $(NOTEBOOKS) --inplace
+	$(PY) tools/site.py                                   # build/site/index.html, readable offline
 
-test: $(STAMP) $(MODEL)
+# Debian's Chromium for the browser test of the rendered book (needs root, as on CI).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+
+test: $(STAMP) $(MODEL) browser
 	$(PY) -m pytest -q -rs
 
 workshop: $(STAMP)

@@ -67,7 +67,10 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
         rows = flat[i : i + step] / T
         logp = rows - torch.logsumexp(rows, -1, keepdim=True)
         out.append(-(logp.exp() * logp).sum(-1))  # H = -sum p log p
-    return torch.cat(out).reshape(logits.shape[:-1]) if out else flat.new_zeros(logits.shape[:-1])
+    result = torch.cat(out).reshape(logits.shape[:-1]) if out else flat.new_zeros(logits.shape[:-1])
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError("logits hold NaN or inf: the entropy is not finite")
+    return result
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,7 @@ def policy_loss(
     ratio = log_ratio.exp()  # pi_theta / pi_old, computed in log space (products of probs underflow)
     if not bool(torch.isfinite(ratio).all()):
         raise ValueError(
-            f"ratio overflowed: max |log_probs - old_log_probs| = {float(log_ratio.abs().max()):.1f}; "
+            f"ratio overflowed: max |log_probs - old_log_probs| = {float(log_ratio.detach().abs().max()):.1f}; "
             "the policy moved far from the rollout policy (or the log-probs are misaligned)"
         )
     adv = advantages.detach()

@@ -10,6 +10,15 @@ import torch
 from utils.checks import check_same_shape
 
 
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as bool; a float mask must hold only 0 and 1 (0.5 is not "half kept")."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0/1 (or bool) values")
+    return mask.bool()
+
+
 def masked_sum(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int | None = None) -> torch.Tensor:
     """Sum of ``tensor`` where ``mask`` is true, over ``dim`` (all dims if None).
 
@@ -19,7 +28,8 @@ def masked_sum(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int | None 
     if mask is None:
         return tensor.sum() if dim is None else tensor.sum(dim)
     check_same_shape(tensor=tensor, mask=mask)
-    kept = torch.where(mask.bool(), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    mask = _as_bool(mask)
+    kept = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
     return kept.sum() if dim is None else kept.sum(dim)
 
 
@@ -34,7 +44,7 @@ def masked_mean(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int | None
     if mask is None:
         return tensor.mean() if dim is None else tensor.mean(dim)
     check_same_shape(tensor=tensor, mask=mask)
-    mask = mask.bool()
+    mask = _as_bool(mask)
     count = mask.sum() if dim is None else mask.sum(dim)
     if bool((count == 0).any()):
         where = "the whole mask" if dim is None else f"{int((count == 0).sum())} slice(s) along dim={dim}"
