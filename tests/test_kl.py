@@ -20,8 +20,8 @@ def test_matches_naive_formula(estimator):
     logp = -torch.rand(3, 7, generator=g, dtype=torch.float64) * 5
     ref = -torch.rand(3, 7, generator=g, dtype=torch.float64) * 5
     got = kl_estimate(logp, ref, estimator)
-    want = torch.tensor([[naive(a, b, estimator) for a, b in zip(ra, rb)] for ra, rb in zip(logp.tolist(), ref.tolist())],
-                        dtype=torch.float64)
+    rows = zip(logp.tolist(), ref.tolist())
+    want = torch.tensor([[naive(a, b, estimator) for a, b in zip(ra, rb)] for ra, rb in rows], dtype=torch.float64)
     assert got.shape == logp.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 

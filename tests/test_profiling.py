@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from utils.profiling import Timing, format_bytes, format_seconds, peak_memory, peak_rss_delta, time_fn
+from utils.profiling import Timing, format_bytes, format_seconds, peak_memory, peak_rss_delta, time_fn, time_interleaved
 
 MB4 = 1000 * 1000 * 4  # bytes of a float32 [1000, 1000] tensor
 
@@ -34,6 +34,19 @@ def test_time_fn_counts_calls_and_measures_sleep():
         time_fn(fn, repeats=0)
     with pytest.raises(ValueError, match="warmup"):
         time_fn(fn, warmup=-1)
+
+
+def test_time_interleaved_takes_turns():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.005))}
+    out = time_interleaved(fns, repeats=3, warmup=1)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-ups first, then strict turns
+    assert set(out) == {"a", "b"} and len(out["a"].times) == len(out["b"].times) == 3
+    assert out["b"].min >= 0.004 > out["a"].median
+    with pytest.raises(ValueError, match="fns"):
+        time_interleaved({})
+    with pytest.raises(ValueError, match="repeats"):
+        time_interleaved(fns, repeats=0)
 
 
 def test_format_helpers():

@@ -33,9 +33,9 @@ def test_hand_cases():
 
 def test_default_list_and_determinism():
     text = "ROMEO.\nMy sweet love, what joy! Good night, good night."
-    assert word_reward(text) == 5.0  # sweet, love, joy, good, good
+    assert word_reward(text) == 6.0  # my, sweet, love, joy, good, good
     r = WordReward()
-    assert [r(text) for _ in range(3)] == [5.0, 5.0, 5.0]
+    assert [r(text) for _ in range(3)] == [6.0, 6.0, 6.0]
 
 
 def test_errors(tmp_path):

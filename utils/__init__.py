@@ -2,7 +2,10 @@
 
 One module per idea (each docstring names the notebook that derives it):
 checks (input validation, ``cmp``), masking (``masked_mean``), logprobs (token
-log-probs), loss (``policy_loss``, ``PolicyLoss``), models (``load_policy``).
+log-probs), loss (``policy_loss``, ``PolicyLoss``), models (``load_policy``),
+kl (``kl_estimate``), advantages (``token_rewards``, ``gae``, ``whiten``),
+rewards (the word-list score), ppo (``ActorConfig``, ``rollout``, ``actor_update``,
+``train``), checkers (exercise checkers), profiling (time and peak memory).
 """
 
 import warnings
@@ -14,10 +17,12 @@ from utils.checks import cmp  # noqa: E402
 from utils.logprobs import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, response_logits, sequence_logprobs
 from utils.loss import PolicyLoss, aggregate, clipped_surrogate, policy_loss
 from utils.masking import masked_mean, masked_sum, response_mask
+from utils.advantages import gae, returns_to_go, token_rewards, whiten
+from utils.kl import kl_estimate
 from utils.models import DEFAULT_MODEL_DIR, context_length, get_device, load_policy, set_seed
 
 __all__ = [
     "cmp", "entropy_from_logits", "logprobs_from_logits", "position_ids_from_mask", "response_logits",
     "sequence_logprobs", "PolicyLoss", "aggregate", "clipped_surrogate", "policy_loss", "masked_mean",
-    "masked_sum", "response_mask", "DEFAULT_MODEL_DIR", "context_length", "get_device", "load_policy", "set_seed",
+    "masked_sum", "response_mask", "gae", "returns_to_go", "token_rewards", "whiten", "kl_estimate", "DEFAULT_MODEL_DIR", "context_length", "get_device", "load_policy", "set_seed",
 ]

@@ -118,7 +118,9 @@ def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0, action_mask: torch.
     return advantages
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) with one mean and variance over all kept entries (scalars).
 
     x, mask: same shape (e.g. [B, T]). Follows verl ``masked_whiten`` and TRL ``masked_whiten``:

@@ -15,8 +15,8 @@ _CHUNK_ELEMENTS = 2**22  # at most 4M logits (16 MiB in fp32) of temporaries at 
 
 
 def _row_chunks(n_rows: int, vocab: int) -> int:
-    """Rows per chunk: at most 1/16 of all rows and at most _CHUNK_ELEMENTS logits."""
-    return max(1, min(math.ceil(n_rows / 16), _CHUNK_ELEMENTS // vocab))
+    """Rows per chunk: at most 1/8 of all rows and at most _CHUNK_ELEMENTS logits."""
+    return max(1, min(math.ceil(n_rows / 8), _CHUNK_ELEMENTS // vocab))
 
 
 def _check_temperature(temperature: float) -> float:
@@ -25,13 +25,51 @@ def _check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+class _SelectedLogProbs(torch.autograd.Function):
+    """log softmax(x / T)[y] by chunks of rows, with a hand-written backward.
+
+    Letting autograd differentiate a loop over ``flat[i:i+k]`` slices would give one
+    backward node per chunk, each allocating a zero-filled [N, V] gradient
+    (notebook 08 measures it). Here backward writes ``(onehot - softmax) / T`` chunk
+    by chunk into the single [N, V] gradient buffer that any method must return.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, labels: torch.Tensor, temperature: float, step: int) -> torch.Tensor:
+        # flat: [N, V] logits, labels: [N]. One fused log_softmax per chunk (faster than logsumexp on CPU);
+        # the maths runs in fp32 even for bf16 logits (a bf16 log-softmax loses ~0.06 nats, notebook 08).
+        out = []
+        for rows, y in zip(flat.split(step), labels.split(step)):
+            rows = rows.float() if temperature == 1.0 else rows.float() / temperature
+            out.append(torch.log_softmax(rows, dim=-1).gather(-1, y[:, None]).squeeze(-1))
+        logp = torch.cat(out)  # [N]
+        lse = flat.gather(-1, labels[:, None]).squeeze(-1).float() / temperature - logp  # logsumexp(x/T), per row
+        ctx.save_for_backward(flat, labels, lse)
+        ctx.temperature, ctx.step = temperature, step
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        flat, labels, lse = ctx.saved_tensors
+        T, g = ctx.temperature, grad_out.float() / ctx.temperature  # d/dx of x/T brings a 1/T
+        grad = torch.empty_like(flat)  # [N, V]: the one full-size tensor any method must return
+        for i in range(0, flat.shape[0], ctx.step):
+            s = slice(i, i + ctx.step)
+            if flat.dtype == torch.float32:  # -g * softmax(x/T), written in place: no temporaries
+                torch.div(flat[s], T, out=grad[s]).sub_(lse[s, None]).exp_().mul_(-g[s, None])
+            else:
+                grad[s] = (flat[s].float() / T - lse[s, None]).exp_().mul_(-g[s, None])
+        grad.scatter_add_(-1, labels[:, None], g[:, None].to(grad.dtype))  # + g/T at each label
+        return grad, None, None, None
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[label], without a full log-softmax copy.
 
-    logits: [..., V]; labels: [...] (same leading shape) -> [...] float.
-    Computes ``logit[label]/T - logsumexp(logits/T)`` over chunks of rows, so the
-    only [rows, V] temporaries are one chunk's, not a second [N, V] tensor
-    (the idea of TRL's ``selective_log_softmax``). Exact, and differentiable.
+    logits: [..., V]; labels: [...] (same leading shape) -> [...] float32.
+    Computes ``logit[label]/T - logsumexp(logits/T)`` over chunks of rows, so the only
+    [rows, V] temporaries are one chunk's (the idea of TRL's ``selective_log_softmax``),
+    forward and backward. Exact, differentiable (once).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"shape mismatch: logits{list(logits.shape)} needs labels{list(logits.shape[:-1])}, got labels{list(labels.shape)}")
@@ -41,16 +79,10 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= V):
         raise ValueError(f"labels must lie in [0, {V}) (the vocabulary), got range [{int(labels.min())}, {int(labels.max())}]")
     T = _check_temperature(temperature)
-    flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1).long()  # [N, V], [N]
-    step = _row_chunks(flat_logits.shape[0], V)
-    out = []
-    for i in range(0, flat_logits.shape[0], step):
-        rows = flat_logits[i : i + step]
-        if T != 1.0:
-            rows = rows / T  # one chunk-sized copy, not a full [N, V] one
-        picked = rows.gather(-1, flat_labels[i : i + step, None]).squeeze(-1)  # [n]
-        out.append(picked - torch.logsumexp(rows, dim=-1))
-    result = torch.cat(out).reshape(labels.shape) if out else flat_logits.new_zeros(labels.shape)
+    if labels.numel() == 0:
+        return logits.new_zeros(labels.shape, dtype=torch.float32)
+    flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1).long()  # [N, V], [N]
+    result = _SelectedLogProbs.apply(flat, flat_labels, T, _row_chunks(flat.shape[0], V)).reshape(labels.shape)
     if not bool(torch.isfinite(result).all()):
         raise ValueError("logits hold NaN or inf: the log-probabilities are not finite")
     return result

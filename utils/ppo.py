@@ -12,6 +12,10 @@ baseline, plus the per-token KL penalty). Whitening is off by default: with one 
 update, whitening over its tokens removes the score (every token carries the same score - b),
 and with one token it is undefined (see notebooks/05_token_advantages.ipynb).
 
+The KL to the reference enters the per-token rewards (``kl_coef``, the seed note's recipe and
+OpenRLHF's default) and, optionally, the loss (``kl_loss_coef``, verl's ``use_kl_loss``); notebook 06
+measures why the second holds the policy closer with batch size 1.
+
 Derived in notebooks/06_actor_update.ipynb.
 """
 
@@ -27,7 +31,7 @@ from tqdm import tqdm
 from utils.advantages import gae, token_rewards, whiten
 from utils.kl import KL_ESTIMATORS, kl_estimate
 from utils.logprobs import sequence_logprobs
-from utils.loss import AGG_MODES, PolicyLoss
+from utils.loss import AGG_MODES, PolicyLoss, aggregate
 from utils.masking import masked_mean, masked_sum, response_mask
 from utils.models import context_length, set_seed
 
@@ -61,14 +65,21 @@ class ActorConfig:
     """EMA decay: after each rollout b <- decay * b + (1 - decay) * score"""
     baseline_init: float = 0.0
     """b before the first rollout"""
+    kl_loss_coef: float = 0.0
+    """coefficient of a second KL term added to the *loss* instead of the reward (verl ``use_kl_loss``, OpenRLHF
+    ``--use_kl_loss``, GRPO): kl_loss_coef * mean over tokens of KL(pi_theta || pi_ref), differentiated directly.
+    0 = off (the seed note's recipe: KL only in the reward)"""
+    kl_loss_estimator: str = "k3"
+    """estimator for the loss term ("k3" is verl's low_var_kl)"""
     whiten_advantages: bool = False
     """whiten the advantages over the rollout's tokens; off: with batch size 1 it erases the score (notebook 05)"""
 
     # --- the actor update ---
     ppo_epochs: int = 4
     """K: gradient steps on each rollout (the ratio is exactly 1 only in the first)"""
-    lr: float = 1e-3
-    """AdamW learning rate"""
+    lr: float = 1e-4
+    """AdamW learning rate. Picked by trial for the small GPT-2 at batch size 1: at 3e-4 and above, 60 updates
+    turned its text into noise in our runs"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float | None = 1.0
@@ -96,6 +107,10 @@ class ActorConfig:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.kl_loss_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_loss_estimator must be one of {KL_ESTIMATORS}, got {self.kl_loss_estimator!r}")
+        if not (math.isfinite(self.kl_loss_coef) and self.kl_loss_coef >= 0):
+            raise ValueError(f"kl_loss_coef must be >= 0, got {self.kl_loss_coef!r}")
         for name in ("gamma", "lam", "baseline_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
@@ -162,12 +177,14 @@ def sample_responses(policy, tokenizer, prompt: str, cfg: ActorConfig, n: int = 
     prompt_len = prompt_ids.shape[1]
     n_ctx = context_length(policy)
     if prompt_len + cfg.max_new_tokens > n_ctx:
-        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the context of {n_ctx}")
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the context of {n_ctx}"
+        )
     was_training = policy.training
     policy.eval()  # dropout off: the sampling policy must be the one whose log-probs we store
     out = policy.generate(
         input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True,
-        temperature=cfg.temperature, top_k=0, top_p=1.0,  # sample from the full softmax(logits / T), as the loss assumes
+        temperature=cfg.temperature, top_k=0, top_p=1.0,  # the full softmax(logits / T), as the loss assumes
         max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # [n, T]
@@ -220,10 +237,12 @@ def make_optimizer(policy: torch.nn.Module, cfg: ActorConfig) -> torch.optim.Opt
 def actor_update(policy, optimizer: torch.optim.Optimizer, rollout: Rollout, cfg: ActorConfig) -> list[dict]:
     """K = ``cfg.ppo_epochs`` PPO steps on one rollout; returns one diagnostics dict per epoch.
 
-    Each epoch: new log-probs (with grad) -> PolicyLoss against the rollout's old log-probs ->
-    backward -> clip the gradient norm -> AdamW step. The diagnostics are measured before that
-    epoch's step: loss, clip_frac, ratio_min/max/mean, approx_kl_k1/k3 (to pi_old), entropy (nats,
-    mean over kept tokens) and grad_norm (before clipping).
+    Each epoch: new log-probs (with grad) -> PolicyLoss against the rollout's old log-probs
+    (+ ``kl_loss_coef`` * KL to the reference, if set) -> backward -> clip the gradient norm -> AdamW
+    step. The diagnostics are measured before that epoch's step: loss (the total), policy_loss,
+    kl_loss (the KL term's value, computed even when its coefficient is 0), clip_frac,
+    ratio_min/max/mean, approx_kl_k1/k3 (to pi_old), entropy (nats, mean over kept tokens) and
+    grad_norm (before clipping).
     """
     loss_fn = PolicyLoss(cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, cfg.agg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -232,16 +251,21 @@ def actor_update(policy, optimizer: torch.optim.Optimizer, rollout: Rollout, cfg
     try:
         for epoch in range(cfg.ppo_epochs):
             log_probs, entropy = sequence_logprobs(
-                policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, cfg.temperature, return_entropy=True
+                policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, cfg.temperature,
+                return_entropy=True,
             )  # [1, R] each; log_probs carries the graph
-            loss = loss_fn(log_probs, rollout.old_log_probs, rollout.advantages, rollout.action_mask)
+            pg_loss = loss_fn(log_probs, rollout.old_log_probs, rollout.advantages, rollout.action_mask)
+            kl_ref = kl_estimate(log_probs, rollout.ref_log_probs, cfg.kl_loss_estimator)  # [1, R], with grad
+            kl_loss = aggregate(kl_ref, rollout.action_mask, cfg.agg)
+            loss = pg_loss + cfg.kl_loss_coef * kl_loss if cfg.kl_loss_coef > 0 else pg_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # before step(), or it clips nothing
             optimizer.step()
             history.append({
-                "epoch": epoch, "loss": loss.item(), **loss_fn.last_info,
+                "epoch": epoch, "loss": loss.item(), "policy_loss": pg_loss.item(), "kl_loss": kl_loss.item(),
+                **loss_fn.last_info,
                 "entropy": float(masked_mean(entropy, rollout.action_mask)), "grad_norm": float(grad_norm),
             })
     finally:
@@ -261,9 +285,10 @@ def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_ro
 
     Each dict: step, score, baseline, advantage (score - b), kl_ref_k1_mean / kl_ref_k1_sum /
     kl_ref_k3_mean (KL of the sampling policy to the reference over the response, per token and summed,
-    measured at the rollout, before the update), response_len, and from the PPO epochs: loss (first
-    epoch), clip_frac (mean over epochs), approx_kl_k3 (last epoch, to pi_old), ratio_min / ratio_max
-    (over all epochs), entropy (first epoch), grad_norm (mean), plus the response text.
+    measured at the rollout, before the update), response_len, and from the PPO epochs: loss,
+    policy_loss and kl_loss (first epoch), clip_frac (mean over epochs), approx_kl_k3 (last epoch,
+    to pi_old), ratio_min / ratio_max (over all epochs), entropy (first epoch), grad_norm (mean),
+    plus the response text.
     Seeds torch with ``cfg.seed`` first, so the same call gives the same history.
     """
     if not (isinstance(n_rollouts, int) and n_rollouts >= 1):
@@ -273,7 +298,7 @@ def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_ro
     ref.eval()
     baseline = cfg.baseline_init if cfg.baseline == "ema" else 0.0
     history = []
-    bar = tqdm(range(n_rollouts), desc="rollouts", disable=not progress)
+    bar = tqdm(range(n_rollouts), desc="rollouts", disable=not progress, mininterval=1.0)  # few redraws in a notebook
     for step in bar:
         ro = rollout(policy, ref, tokenizer, prompt, reward_fn, cfg, baseline=baseline)
         epochs = actor_update(policy, optimizer, ro, cfg)
@@ -284,7 +309,7 @@ def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_ro
             "kl_ref_k1_sum": float(masked_sum(log_ratio_ref, ro.action_mask)),
             "kl_ref_k3_mean": float(masked_mean(kl_estimate(ro.old_log_probs, ro.ref_log_probs, "k3"), ro.action_mask)),
             "response_len": ro.response_len,
-            "loss": epochs[0]["loss"],
+            "loss": epochs[0]["loss"], "policy_loss": epochs[0]["policy_loss"], "kl_loss": epochs[0]["kl_loss"],
             "clip_frac": sum(e["clip_frac"] for e in epochs) / len(epochs),
             "approx_kl_k3": epochs[-1]["approx_kl_k3"],
             "ratio_min": min(e["ratio_min"] for e in epochs), "ratio_max": max(e["ratio_max"] for e in epochs),
@@ -294,7 +319,7 @@ def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_ro
         })
         baseline = _ema(baseline, ro.score, cfg)
         if progress:
-            bar.set_postfix(score=f"{ro.score:.1f}", b=f"{baseline:.2f}")
+            bar.set_postfix(score=f"{ro.score:.1f}", b=f"{baseline:.2f}", refresh=False)
     return history
 
 
@@ -313,6 +338,28 @@ def sample_scores(policy, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n
     texts = [tokenizer.decode(ids[prompt_len:][m], skip_special_tokens=True) for ids, m in zip(input_ids, action_mask)]
     scores = torch.tensor([float(reward_fn(t)) for t in texts])
     return (scores, texts) if return_texts else scores
+
+
+def evaluate(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n: int = 32, seed: int = 1234) -> dict:
+    """Score and KL to the reference of ``n`` fresh responses (one batched generation, deterministic under ``seed``).
+
+    Returns a dict of tensors [n]: ``scores``; ``kl`` = sum over each response's tokens of k1
+    (an unbiased estimate of the sequence-level KL(pi || pi_ref)); ``kl_per_token`` = that sum / length;
+    ``length``; and ``texts`` (list of str). Leaves the global RNG as it found it.
+    """
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        input_ids, attention_mask, prompt_len, action_mask = sample_responses(policy, tokenizer, prompt, cfg, n=n)
+    with torch.no_grad():
+        log_probs = sequence_logprobs(policy.eval(), input_ids, attention_mask, prompt_len, cfg.temperature)
+        ref_log_probs = sequence_logprobs(ref.eval(), input_ids, attention_mask, prompt_len, cfg.temperature)
+    kl = masked_sum(kl_estimate(log_probs, ref_log_probs, "k1"), action_mask, dim=-1)  # [n]
+    length = action_mask.sum(-1)
+    texts = [tokenizer.decode(ids[prompt_len:][m], skip_special_tokens=True) for ids, m in zip(input_ids, action_mask)]
+    scores = torch.tensor([float(reward_fn(t)) for t in texts])
+    return {"scores": scores, "kl": kl, "kl_per_token": kl / length, "length": length, "texts": texts}
 
 
 def config_table(cfg: ActorConfig) -> str:

@@ -2,7 +2,9 @@
 
 - ``time_fn(fn, repeats, warmup) -> Timing``: seconds per call, with the spread
   (median, quartiles, min) over repeats, because one timing on a shared machine
-  is one sample of noise.
+  is one sample of noise. ``time_interleaved({name: fn}, ...)`` times several
+  functions in turns, so that a burst of load on the machine hits them alike:
+  use it whenever the answer is a ratio of two timings.
 - ``peak_memory(fn) -> int``: the largest number of bytes that ``fn()`` had
   allocated (and not yet freed) at any moment, above what was live before it.
   Read from the CPU allocator's own bookkeeping through ``torch.profiler``
@@ -121,6 +123,31 @@ def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timi
         fn()
         times.append(time.perf_counter() - t0)
     return Timing(tuple(times))
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, Timing]:
+    """Time several functions in turns (a, b, a, b, ...); return one Timing per name.
+
+    Each function gets ``warmup`` untimed calls first. Interleaving makes the
+    ratio of two medians robust to load that comes and goes on a shared machine.
+    """
+    if not fns:
+        raise ValueError("fns is empty: nothing to time")
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    gc.collect()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(tuple(ts)) for name, ts in times.items()}
 
 
 @contextmanager

@@ -1,11 +1,16 @@
-"""A toy reward: how many words of a response come from a list of words of love and joy.
+"""A toy reward: how many words of a response come from a lover's vocabulary.
+
+The list (data/reward_words.json) holds words of love, joy and kindness and the intimate
+forms of address (thee, thou, thy, thine, my, mine). The address words are there by
+measurement: without them the small GPT-2 writes about 0.17 listed words per 24-token
+response, too rare a signal for batch-size-1 updates to move reliably (notebook 06).
 
 In RLHF a learned reward model stands here: a transformer with a scalar head, trained on
 human preference pairs, that reads prompt + response and returns one number. This series
 trains only the actor, so it uses a reward anyone can read and check by hand: deterministic,
 computed on the decoded response text, and easy for the small GPT-2 to move within a few
-dozen updates. Like any reward, it can be gamed (a response of "love love love" scores
-high); the KL penalty to the reference model is what keeps the text Shakespearean.
+dozen updates. Like any reward, it can be gamed (a response of "my my thee my" scores
+high); the KL penalty to the reference model is what holds the text near the model it was.
 
 Used in notebooks/06_actor_update.ipynb.
 """
