@@ -1,6 +1,7 @@
-"""tools/bench.py: the --tiny smoke run writes every key with positive, finite values; its log-prob fix is exact."""
+"""tools/bench.py: its log-prob variants against a loop, its extra-memory accounting by hand, and the --tiny run's keys."""
 
 import importlib.util
+import itertools
 import json
 import math
 from pathlib import Path
@@ -31,23 +32,61 @@ def _numbers(obj, path=""):
         yield path, obj
 
 
-def test_custom_backward_logprobs_match_a_loop(bench):
+def _loop_reference(logits, labels, weights):
+    """log p(label) and d(sum w * log p)/d logits, one row at a time from the definition."""
+    values, grads = torch.empty(labels.shape, dtype=torch.double), torch.empty_like(logits)
+    for idx in itertools.product(*(range(n) for n in labels.shape)):
+        z = logits[idx]
+        lse = torch.log(torch.exp(z - z.max()).sum()) + z.max()
+        values[idx] = z[labels[idx]] - lse
+        onehot = torch.zeros_like(z)
+        onehot[labels[idx]] = 1.0
+        grads[idx] = weights[idx] * (onehot - torch.exp(z - lse))  # d log p_y / dz = 1[v = y] - p_v
+    return values, grads
+
+
+@pytest.mark.parametrize("variant", ["naive", "chunked_autograd", "utils"])
+def test_every_variant_matches_a_loop_in_value_and_gradient(bench, variant):
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 5, 11, generator=g, dtype=torch.double)
-    labels = torch.randint(0, 11, (2, 5), generator=g)
-    weights = torch.randn(2, 5, generator=g, dtype=torch.double)
+    logits = torch.randn(2, 9, 11, generator=g, dtype=torch.double)  # 18 rows: chunks of 3, so several chunks
+    labels = torch.randint(0, 11, (2, 9), generator=g)
+    weights = torch.randn(2, 9, generator=g, dtype=torch.double)
+    values, grads = _loop_reference(logits, labels, weights)
     a = logits.clone().requires_grad_(True)
-    out = bench.custom_backward_logprobs(a, labels)
+    out = bench.LOGPROB_VARIANTS[variant](a, labels)
     (out * weights).sum().backward()
-    for b in range(2):
-        for t in range(5):
-            z = logits[b, t]
-            p = torch.exp(z - torch.logsumexp(z, 0))
-            assert math.isclose(out[b, t].item(), (z[labels[b, t]] - torch.logsumexp(z, 0)).item(), abs_tol=1e-12)
-            onehot = torch.zeros(11, dtype=torch.double)
-            onehot[labels[b, t]] = 1.0
-            assert torch.allclose(a.grad[b, t], weights[b, t] * (onehot - p), atol=1e-12)  # d log p_y / dz = 1[y] - p
-    assert torch.allclose(bench.naive_logprobs(logits, labels), out.detach(), atol=1e-12)
+    assert out.shape == labels.shape
+    assert torch.allclose(out.detach().double(), values, atol=1e-6)  # utils computes in fp32
+    assert torch.allclose(a.grad.double(), grads, atol=1e-6)
+
+
+def test_the_trap_really_slices(bench):
+    # the contrast variant must build one SliceBackward per chunk, as notebook 08 describes
+    x = torch.randn(16, 7, requires_grad=True)
+    out = bench.chunked_autograd_logprobs(x, torch.zeros(16, dtype=torch.long))
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    assert sum(type(n).__name__ == "SliceBackward0" for n in seen) == 8  # 16 rows, chunks of ceil(16 / 8) = 2
+
+
+def test_extra_memory_by_hand(bench):
+    # forward: naive's extra is its [N, V] log-softmax output (plus the [N] result); with backward the
+    # [N, V] gradient is subtracted, leaving the saved log-softmax and the gather's zero-filled gradient
+    fwd = bench.bench_logprobs(1, 16, 1000, backward=False, repeats=1)
+    bwd = bench.bench_logprobs(1, 16, 1000, backward=True, repeats=1)
+    n_bytes = 16 * 1000 * 4
+    assert fwd["logits_bytes"] == bwd["logits_bytes"] == n_bytes
+    assert n_bytes <= fwd["naive"]["extra_bytes"] <= n_bytes + 1024
+    assert 2 * n_bytes <= bwd["naive"]["extra_bytes"] <= 2 * n_bytes + 1024
+    assert bwd["naive"]["peak_bytes"] == bwd["naive"]["extra_bytes"] + n_bytes
+    assert 0 < bwd["utils"]["extra_bytes"] <= 1024  # nothing beyond the gradient but a few numbers per row
+    # the trap: 2 rows per chunk, 8 zero-filled [N, V] gradients summed; the running sum and the newest alive
+    assert bwd["chunked_autograd"]["extra_bytes"] >= n_bytes
+    assert bwd["utils_extra_ratio"] == bwd["utils"]["extra_bytes"] / bwd["naive"]["extra_bytes"]
 
 
 def test_tiny_run_writes_positive_finite_numbers(bench, tmp_path):
@@ -60,28 +99,48 @@ def test_tiny_run_writes_positive_finite_numbers(bench, tmp_path):
     finally:
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())
-    assert {"meta", "targets", "logprobs", "logprobs_summary", "machinery", "notebooks", "verdicts", "seconds"} <= set(report)
+    assert {"meta", "targets", "definitions", "logprobs", "logprobs_summary", "machinery", "notebooks", "verdicts",
+            "seconds"} <= set(report)
     assert report["meta"]["tiny"] is True
     assert {r["mode"] for r in report["logprobs"]} == {"forward", "forward+backward"}
     for row in report["logprobs"]:
         assert row["V"] == 50_257
-        for name in ("naive", "efficient", "custom_backward"):
-            assert {"peak_bytes", "median_s", "q1_s", "q3_s", "min_s", "max_abs_err"} <= set(row[name])
+        for name in ("naive", "chunked_autograd", "utils"):
+            assert {"peak_bytes", "extra_bytes", "median_s", "q1_s", "q3_s", "min_s", "max_abs_err"} <= set(row[name])
             assert row[name]["max_abs_err"] < 1e-4
+            if row["mode"] == "forward+backward":
+                assert row[name]["max_abs_grad_err"] < 1e-6
+                assert row[name]["extra_bytes"] == row[name]["peak_bytes"] - row["logits_bytes"]
+            else:
+                assert row[name]["extra_bytes"] == row[name]["peak_bytes"]
         assert row["naive"]["peak_bytes"] >= row["logits_bytes"]  # the full log-softmax copy, at least
-    for key in ("efficient_peak_ratio", "efficient_time_ratio", "custom_backward_peak_ratio"):
-        assert all(key in r for r in report["logprobs"])
+        for key in ("utils_extra_ratio", "utils_peak_ratio", "utils_time_ratio", "chunked_autograd_extra_ratio",
+                    "chunked_autograd_time_ratio"):
+            assert key in row
+    assert set(report["logprobs_summary"]) >= {"forward/utils/max_extra_ratio", "forward+backward/utils/max_time_ratio"}
     for row in report["machinery"]:
-        assert {"bare", "machinery", "machinery_custom_backward", "policy_loss_only", "overhead"} <= set(row)
+        assert {"bare", "machinery", "head_utils", "head_cross_entropy", "policy_loss_only", "loss_math_only",
+                "overhead", "attribution"} <= set(row)
+        a = row["attribution"]
+        assert math.isclose(sum(a.values()), row["overhead"], abs_tol=1e-12)  # the pieces add up to the overhead
     assert report["notebooks"]["seconds"] == {"00_fake.ipynb": 1.5}
+    assert set(report["verdicts"]) == {"forward_extra_ratio_ok", "forward_time_ratio_ok", "backward_extra_ratio_ok",
+                                       "backward_time_ratio_ok", "machinery_overhead_ok"}
     assert all(isinstance(v, bool) for v in report["verdicts"].values())
     skip = {"/meta/load_average_1min", "/notebooks/seconds/00_fake.ipynb"}
-    signed = ("overhead", "overhead_custom_backward", "logprob_backward", "policy_loss_checks_and_diagnostics", "rest")
+    signed = ("overhead", "logprob_head_vs_cross_entropy", "policy_loss_checks_and_diagnostics", "rest")
     # (a ratio minus 1, or a difference of two timings: may be negative)
     for path, value in _numbers(report):
         assert math.isfinite(value), path
-        if path not in skip and not path.endswith(signed) and not path.endswith("/max_abs_err"):
+        if path not in skip and not path.endswith(signed) and not path.endswith(("/max_abs_err", "/max_abs_grad_err")):
             assert value > 0, path
+
+
+def test_no_trap_skips_the_slow_variant(bench):
+    row = bench.bench_logprobs(1, 4, 100, backward=True, repeats=1, trap=False)
+    assert "chunked_autograd" not in row and "utils" in row and "naive" in row
+    big = bench.bench_logprobs(1, bench.TRAP_MAX_ROWS + 1, 16, backward=True, repeats=1)  # too many rows for the trap
+    assert "chunked_autograd" not in big
 
 
 def test_missing_timings_are_reported_not_invented(bench, tmp_path):

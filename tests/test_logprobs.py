@@ -36,7 +36,7 @@ def naive_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 SHAPES = [(7, 13), (3, 5, 11), (2, 3, 4, 9), (1, 2), (37, 3, 997)]
 
 
-@pytest.mark.parametrize("shape,temperature", [(s, t) for s in SHAPES for t in (1.0, 0.7, 2.5)] + [((1001, 5000), 0.7)])
+@pytest.mark.parametrize("shape,temperature", [(s, t) for s in SHAPES for t in (1.0, 0.7, 2.5)] + [((1001, 5000), 0.7), ((3, 999, 997), 1.3)])
 def test_logprobs_match_naive(shape, temperature):
     g = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(*shape, generator=g)
@@ -47,11 +47,17 @@ def test_logprobs_match_naive(shape, temperature):
 
 
 def test_large_vocab_is_chunked_with_a_ragged_last_chunk():
-    # (1001, 5000) and (37, 3, 997) above must exercise the chunked path: several chunks, the last one shorter
+    # (1001, 5000) and (3, 999, 997) above must exercise the chunked path: several chunks, the last one shorter
     step = lp_mod._row_chunks(1001, 5000)
     assert 1 < step < 1001 and 1001 % step != 0
-    step = lp_mod._row_chunks(37 * 3, 997)
-    assert 1 < step < 111 and 111 % step != 0
+    step = lp_mod._row_chunks(2997, 997)
+    assert 1 < step < 2997 and 2997 % step != 0
+
+
+def test_small_inputs_are_one_chunk():
+    # a 24-token response over a 4,096-token vocabulary: chunking would only add per-call cost
+    assert lp_mod._row_chunks(24, 4096) >= 24
+    assert lp_mod._row_chunks(128, 50257) == 16  # GPT-2 vocabulary: 1/8 of the rows
 
 
 def test_logprobs_hand_worked():

@@ -254,10 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"== log-probs at V = {GPT2_VOCAB:,} (random logits), ratios to naive. extra = peak beyond the inputs "
           "(and, with backward, beyond the [N, V] gradient itself), in units of the logits' size ==")
-    print(f"{'mode':16s} {'B':>1s} {'T':>4s} {'logits':>9s} | {'naive':>5s} {'naive':>8s} | {'utils':>5s} {'utils':>8s} "
-          f"{'extra':>6s} {'time':>5s} | {'chunked_autograd':>16s}")
-    print(f"{'':16s} {'':>1s} {'':>4s} {'':>9s} | {'extra':>5s} {'time':>8s} | {'extra':>5s} {'time':>8s} "
-          f"{'ratio':>6s} {'ratio':>5s} | {'extra':>5s} {'ratios':>10s}")
+    print(f"{'':33s} | {'naive':^14s} | {'utils':^30s} | {'chunked_autograd':^17s}")
+    print(f"{'mode':16s} {'B':>1s} {'T':>4s} {'logits':>9s} | {'extra':>5s} {'time':>8s} | {'extra':>5s} {'time':>8s} "
+          f"{'x-ratio':>7s} {'t-ratio':>7s} | {'extra':>5s} {'x-rat':>5s} {'t-rat':>5s}")
     report["logprobs"] = []
     for mode, sizes in lp_sizes.items():
         for B, T in sizes:
@@ -265,11 +264,13 @@ def main(argv: list[str] | None = None) -> int:
             report["logprobs"].append(row)
             x = lambda name: row[name]["extra_bytes"] / row["logits_bytes"]  # noqa: E731
             ms = lambda name: f"{row[name]['median_s'] * 1e3:6.1f}ms"  # noqa: E731
-            trap = (f"{x('chunked_autograd'):5.3f} {row['chunked_autograd_extra_ratio']:4.2f} "
-                    f"{row['chunked_autograd_time_ratio']:5.2f}" if "chunked_autograd" in row else f"{'(skipped)':>16s}")
+            trap = (f"{x('chunked_autograd'):5.3f} {row['chunked_autograd_extra_ratio']:5.3f} "
+                    f"{row['chunked_autograd_time_ratio']:5.2f}" if "chunked_autograd" in row else f"{'(skipped)':^17s}")
             print(f"{mode:16s} {B:1d} {T:4d} {format_bytes(row['logits_bytes']):>9s} | {x('naive'):5.3f} {ms('naive')} | "
-                  f"{x('utils'):5.3f} {ms('utils')} {row['utils_extra_ratio']:6.3f} {row['utils_time_ratio']:5.2f} | {trap}",
+                  f"{x('utils'):5.3f} {ms('utils')} {row['utils_extra_ratio']:7.4f} {row['utils_time_ratio']:7.2f} | {trap}",
                   flush=True)
+    print("extra: in units of the logits' size; x-ratio, t-ratio: extra memory and median time relative to naive's "
+          "(targets for utils: x-ratio <= 0.25, t-ratio <= 1)")
     rows = report["logprobs"]
     summary = {}
     for mode in lp_sizes:
