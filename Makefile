@@ -34,7 +34,7 @@ $(MODEL): utils/build_model.py | $(STAMP)
 	$(PY) -m utils.build_model
 
 book: $(STAMP) $(MODEL)
-	$(PY) tools/execute.py $(NOTEBOOKS) --inplace
+	$(PY) tools/execute.py $(NOTEBOOKS) --inplace --html build/html
 	$(PY) tools/site.py                                   # build/site/index.html, readable offline
 
 # Debian's Chromium for the browser test of the rendered book (needs root, as on CI).
