@@ -69,8 +69,10 @@ def naive_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def chunked_autograd_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The trap of notebook 08: z[y] - logsumexp(z) over slices of rows, differentiated by autograd. [..., V], [...] -> [...].
 
-    Same chunk rule as utils/logprobs.py. Forward keeps one chunk of temporaries; backward gives every
-    slice its own SliceBackward node, which returns a zero-filled gradient of the whole [N, V] input.
+    The chunk rule of utils/logprobs.py without its floor of 2**18 logits per chunk: at V = 50,257 the floor
+    is 6 rows, which binds only at 40 rows or fewer (--tiny), and leaving it out keeps the trap chunked at tiny
+    sizes and test vocabularies. Forward keeps one chunk of temporaries; backward gives every slice its own
+    SliceBackward node, which returns a zero-filled gradient of the whole [N, V] input.
     """
     V = logits.shape[-1]
     flat, y = logits.reshape(-1, V), labels.reshape(-1)  # [N, V], [N]
