@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-import huggingface_hub.constants
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from utils.logprobs import (
     response_logits,
     sequence_logprobs,
 )
-from utils.models import DEFAULT_MODEL_DIR, load_policy
+from utils.models import load_policy
 
 
 def naive_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -235,36 +235,3 @@ def test_response_logits_shape_and_errors(policy):
     with pytest.raises(ValueError, match=f"context of {n_ctx}"):
         sequence_logprobs(model, too_long, None, 10)
     assert response_logits(model, too_long[:, :n_ctx], None, n_ctx - 2).shape[1] == 2  # exactly the context is fine
-
-
-# ----------------------------------------------------------------------------- load_policy
-
-
-def test_load_policy_from_a_saved_folder(tmp_path):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=4096, n_positions=64, n_embd=32, n_layer=1, n_head=2)
-    fresh = GPT2LMHeadModel(cfg)
-    fresh.save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR)).save_pretrained(tmp_path)  # as shipped: no pad token
-    model, tok = load_policy(tmp_path)
-    assert not model.training
-    assert model.config.n_embd == 32 and model.config.n_positions == 64
-    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, fresh.transformer.h[0].attn.c_attn.weight)
-    assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
-    assert model.generation_config.pad_token_id == tok.pad_token_id
-
-
-def test_load_policy_missing_folder_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="save_pretrained"):
-        load_policy(tmp_path)  # a folder without config.json
-
-
-def test_load_policy_unknown_hub_name_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import time
-    with pytest.raises(RuntimeError) as info:
-        load_policy("no-such-org/no-such-model-for-ppo-tests")
-    msg = str(info.value)
-    assert "HF_HUB_OFFLINE" in msg and "bundled model" in msg and "save_pretrained" in msg

@@ -1,6 +1,9 @@
 """The bundled small GPT-2 (built by `make model`) and the two load paths of `load_policy`."""
 
+import functools
 import json
+
+import huggingface_hub
 
 import pytest
 import torch
@@ -36,20 +39,16 @@ def test_manifest_records_the_build():
     assert m["val_perplexity"] < m["unigram_val_perplexity"] / 2, "no better than counting words"
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    return load_policy()[1]
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.text(min_size=0, max_size=80))
 def test_tokenizer_round_trips_any_text(text):
-    _, tokenizer = _cached()
+    tokenizer = _tokenizer()  # not a fixture: hypothesis reruns the body many times
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-
-
-_CACHE = {}
-
-
-def _cached():
-    if "m" not in _CACHE:
-        _CACHE["m"] = load_policy()
-    return _CACHE["m"]
 
 
 def test_model_writes_english_words(bundled):
@@ -64,28 +63,6 @@ def test_model_writes_english_words(bundled):
               "thy", "no", "by", "all", "do", "shall", "if", "are", "we", "thee", "our", "on", "lord", "good",
               "now", "king", "sir", "o", "come", "as", "him", "let", "or", "more", "here", "there", "then"}
     assert sum(w in common for w in words) >= 5, words
-
-
-def test_load_from_a_save_pretrained_folder(tmp_path, bundled):
-    _, tok = bundled
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    model, tok2 = load_policy(tmp_path)
-    assert context_length(model) == 64 and not model.training
-    assert tok2("To be")["input_ids"] == tok("To be")["input_ids"]
-
-
-def test_hub_name_offline_says_what_to_do(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="offline|network"):
-        load_policy("surely-not-a-cached-model/xyz-123")
-
-
-def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model at"):
-        load_policy(tmp_path)
 
 
 def test_env_setting_switches_the_model(tmp_path, monkeypatch, bundled):
@@ -107,3 +84,36 @@ def test_build_runs_end_to_end_on_a_tiny_config(tmp_path):
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "manifest.json").exists()
     model, tok = load_policy(tmp_path)
     assert len(tok) == 300 and m["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- load_policy
+
+
+def test_load_policy_from_a_saved_folder(tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=4096, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    fresh = GPT2LMHeadModel(cfg)
+    fresh.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR)).save_pretrained(tmp_path)  # as shipped: no pad token
+    model, tok = load_policy(tmp_path)
+    assert not model.training
+    assert model.config.n_embd == 32 and model.config.n_positions == 64
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, fresh.transformer.h[0].attn.c_attn.weight)
+    assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_load_policy_missing_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        load_policy(tmp_path)  # a folder without config.json
+
+
+def test_load_policy_unknown_hub_name_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import time
+    with pytest.raises(RuntimeError) as info:
+        load_policy("no-such-org/no-such-model-for-ppo-tests")
+    msg = str(info.value)
+    assert "HF_HUB_OFFLINE" in msg and "bundled model" in msg and "save_pretrained" in msg

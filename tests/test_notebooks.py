@@ -31,4 +31,6 @@ def test_committed_notebook_is_executed_and_clean(path):
 def test_notebook_executes(path):
     nb, seconds = execute(path)
     assert hygiene_problems(nb) == []
-    assert seconds < 120, f"{path.name} took {seconds:.0f} s; the budget is 60 s on 2 cores"
+    # The budget is 60 s on 2 quiet cores (measured: 5-53 s); the margin is for a busier CI machine,
+    # so this catches a notebook that blew up, not one a few seconds over.
+    assert seconds < 90, f"{path.name} took {seconds:.0f} s; the budget is 60 s on 2 cores"
