@@ -1,8 +1,10 @@
-"""The exercise checkers pass right answers and name the typical wrong ones (utils/checkers.py).
+"""The exercise checkers (utils/checkers/) pass right answers and name the typical wrong ones.
 
-Each checker gets the correct solution (must print its ✓ line), several known mistakes (must raise
-AssertionError naming the mistake), and answers that are wrong in no known way (zeros, noise: must fail
-with an "expected ... got ..." message, never pass).
+Right answers are the ``utils`` implementations themselves, through one-line adapters, so the
+solutions live once (in ``utils``) and the checkers' own references (loops, for KL, GAE and the
+rewards) are tested against them. Every mistake a checker lists is fed to it as a learner's answer
+and must be named as itself; more wrong answers, written here, must get the right message; and
+answers that are wrong in no known way (zeros, noise) must fail with "expected ... got ...".
 """
 
 from __future__ import annotations
@@ -10,10 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+import utils
 from utils.checkers import (
     check_clipped_loss, check_gae, check_kl, check_logprobs, check_masked_mean, check_policy_loss, check_ratio,
     check_shifted_logprobs, check_token_rewards,
 )
+from utils.checkers import advantages as ck_adv
+from utils.checkers import clip as ck_clip
+from utils.checkers import logprobs as ck_lp
+from utils.checkers import masking as ck_mask
+from utils.checkers import ratio as ck_ratio
+from utils.checkers import rewards as ck_rewards
 
 GENERIC = r"expected .* got .*max abs diff"
 
@@ -27,70 +36,19 @@ def pick(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- correct solutions (naive loops
-# where the vectorised form would be the reference itself)
+# ----------------------------------------------------------------------------- the utils implementations, adapted
+# to each exercise's signature (one line each)
+
+def ratio(lp, old): return utils.kl_estimate(lp, old, "k1").exp()  # noqa: E704  exp(log pi - log pi_old)
+def token_logprobs(x, y): return utils.logprobs_from_logits(x, y)  # noqa: E704
+def token_logprobs_t(x, y, temperature=1.0): return utils.logprobs_from_logits(x, y, temperature)  # noqa: E704
+def shifted_logprobs(x, ids): return utils.logprobs_from_logits(x[:, :-1], ids[:, 1:])  # noqa: E704
+def policy_loss_forward(lp, old, adv, mask, clip_eps=0.2): return utils.policy_loss(lp, old, adv, mask, clip_eps)[0]  # noqa: E704,E501
+def gae(r, v, gamma, lam): return utils.gae(r, v, gamma, lam)[0]  # noqa: E704
 
 
-def ratio(lp, old):
-    return (lp - old).exp()
-
-
-def clipped_loss(r, a, eps):
-    return -torch.min(r * a, r.clamp(1 - eps, 1 + eps) * a)
-
-
-def token_logprobs(logits, labels):
-    return pick(logits.log_softmax(-1), labels)
-
-
-def token_logprobs_t(logits, labels, temperature=1.0):
-    return pick((logits / temperature).log_softmax(-1), labels)
-
-
-def shifted_logprobs(logits, ids):
-    return token_logprobs(logits[:, :-1], ids[:, 1:])
-
-
-def masked_mean(x, m, dim=None):
-    m = m.bool()
-    count = m.sum() if dim is None else m.sum(dim)
-    if bool((count == 0).any()):
-        raise ValueError("masked_mean: empty mask")
-    kept = torch.where(m, x, torch.zeros_like(x))
-    return (kept.sum() if dim is None else kept.sum(dim)) / count
-
-
-def policy_loss_forward(lp, old, adv, mask, clip_eps=0.2):
-    per_seq = []
-    for b in range(lp.shape[0]):  # a loop over sequences, as the exercise states it
-        keep = mask[b].bool()
-        r = (lp[b] - old[b].detach()).exp()[keep]
-        per_seq.append(clipped_loss(r, adv[b][keep], clip_eps).mean())
-    return torch.stack(per_seq).mean()
-
-
-def kl_k3(lp, ref):
-    return (ref - lp).exp() - 1 - (ref - lp)
-
-
-def gae(r, v, gamma, lam):
-    B, T = r.shape
-    adv = torch.zeros(B, T)
-    for b in range(B):
-        running = 0.0
-        for t in reversed(range(T)):
-            v_next = float(v[b, t + 1]) if t + 1 < T else 0.0
-            running = float(r[b, t]) + gamma * v_next - float(v[b, t]) + gamma * lam * running
-            adv[b, t] = running
-    return adv
-
-
-def token_rewards(score, kl, mask, kl_coef):
-    m = mask.bool()
-    out = torch.where(m, -kl_coef * kl, torch.zeros_like(kl))
-    last = m.long().sum(-1) - 1  # right-padded rows: the last kept token
-    out[torch.arange(len(score)), last] += score
-    return out
+def kl(estimator):
+    return lambda lp, ref: utils.kl_estimate(lp, ref, estimator)
 
 
 # ----------------------------------------------------------------------------- passes
@@ -98,28 +56,27 @@ def token_rewards(score, kl, mask, kl_coef):
 
 @pytest.mark.parametrize("checker, fn, line", [
     (check_ratio, ratio, "check_ratio"),
-    (check_clipped_loss, clipped_loss, "check_clipped_loss"),
+    (check_clipped_loss, utils.clipped_surrogate, "check_clipped_loss"),
     (check_logprobs, token_logprobs, "check_logprobs"),
     (check_logprobs, token_logprobs_t, "check_logprobs"),
     (check_shifted_logprobs, shifted_logprobs, "check_shifted_logprobs"),
-    (check_masked_mean, masked_mean, "check_masked_mean"),
+    (check_masked_mean, utils.masked_mean, "check_masked_mean"),
     (check_policy_loss, policy_loss_forward, "check_policy_loss"),
-    (check_kl, kl_k3, "check_kl[k3]"),
+    (check_kl, kl("k3"), "check_kl[k3]"),
+    (lambda fn: check_kl(fn, estimator="k1"), kl("k1"), "check_kl[k1]"),
+    (lambda fn: check_kl(fn, estimator="k2"), kl("k2"), "check_kl[k2]"),
     (check_gae, gae, "check_gae"),
-    (check_token_rewards, token_rewards, "check_token_rewards"),
-])
-def test_correct_solution_passes(checker, fn, line, capsys):
+    (check_token_rewards, utils.token_rewards, "check_token_rewards"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_utils_implementation_passes(checker, fn, line, capsys):
     checker(fn)
     out = capsys.readouterr().out
     assert out.startswith(f"\u2713 {line}: all ") and "cases pass" in out
 
 
-def test_kl_other_estimators_pass_and_bad_name_raises(capsys):
-    check_kl(lambda lp, ref: lp - ref, estimator="k1")
-    check_kl(lambda lp, ref: 0.5 * (lp - ref) ** 2, estimator="k2")
-    assert capsys.readouterr().out.count("\u2713") == 2
+def test_bad_estimator_name_raises():
     with pytest.raises(ValueError, match="estimator"):
-        check_kl(kl_k3, estimator="k4")
+        check_kl(kl("k3"), estimator="k4")
 
 
 def test_stub_error_propagates_unchanged():
@@ -129,7 +86,56 @@ def test_stub_error_propagates_unchanged():
         check_ratio(stub)
 
 
-# ----------------------------------------------------------------------------- known mistakes
+def test_a_broken_reference_is_caught_on_the_hand_worked_case(monkeypatch):
+    monkeypatch.setattr(ck_ratio, "reference", ck_ratio.inverted)
+    with pytest.raises(RuntimeError, match="check_ratio itself is broken"):
+        check_ratio(ratio)
+
+
+# ----------------------------------------------------------------------------- each listed mistake is named as itself
+
+LISTED = (
+    [(check_ratio, m) for m in ck_ratio.MISTAKES]
+    + [(check_clipped_loss, m) for m in ck_clip.MISTAKES]
+    + [(check_logprobs, m) for m in ck_lp.LOGPROB_MISTAKES]
+    + [(check_shifted_logprobs, m) for m in ck_lp.SHIFT_MISTAKES]
+    + [(check_masked_mean, m) for m in ck_mask.MASKED_MEAN_MISTAKES]
+    + [(check_policy_loss, m) for m in ck_mask.POLICY_LOSS_MISTAKES]
+    + [(check_gae, m) for m in ck_adv.GAE_MISTAKES]
+    + [(check_token_rewards, m) for m in ck_rewards.MISTAKES]
+)
+LISTED_KL = [(est, m) for est in ("k1", "k2", "k3") for m in ck_adv.kl_mistakes(est)
+             if m.wrong is not ck_adv.ESTIMATORS[est]]
+
+
+def _opening(template: str) -> str:
+    """The fixed text a mistake's message starts with (up to its first field)."""
+    return template.split("{", 1)[0]
+
+
+@pytest.mark.parametrize("checker, mistake", LISTED, ids=lambda v: getattr(getattr(v, "wrong", None), "__name__", ""))
+def test_every_listed_mistake_is_named_as_itself(checker, mistake):
+    with pytest.raises(AssertionError) as err:
+        checker(mistake.wrong)
+    assert _opening(mistake.says) in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("estimator, mistake", LISTED_KL,
+                         ids=lambda v: v if isinstance(v, str) else v.wrong.__name__)
+def test_every_listed_kl_mistake_is_named_as_itself(estimator, mistake):
+    with pytest.raises(AssertionError) as err:
+        check_kl(mistake.wrong, estimator=estimator)
+    assert _opening(mistake.says) in str(err.value), str(err.value)
+
+
+def test_mistake_lists_are_short_and_by_hand():
+    lists = [ck_ratio.MISTAKES, ck_clip.MISTAKES, ck_lp.LOGPROB_MISTAKES, ck_lp.SHIFT_MISTAKES,
+             ck_mask.MASKED_MEAN_MISTAKES, ck_mask.POLICY_LOSS_MISTAKES, ck_adv.GAE_MISTAKES, ck_rewards.MISTAKES,
+             ck_adv.kl_mistakes("k3")]
+    assert all(5 <= len(ms) <= 8 for ms in lists), [len(ms) for ms in lists]
+
+
+# ----------------------------------------------------------------------------- more wrong answers, written here
 
 
 @pytest.mark.parametrize("fn, match", [
@@ -165,7 +171,7 @@ def test_ratio_learner_exception_is_reported():
     (lambda r, a, e: -r * a, "never clipped"),
     (lambda r, a, e: -torch.min(r * a, r.clamp(0.8, 1.2) * a), r"ignored clip_eps.*clip_eps=0\.1"),
     (lambda r, a, e: -torch.min(r * a, (r * a).clamp(1 - e, 1 + e)), "clipped r\\*A instead of r"),
-    (lambda r, a, e: clipped_loss(r, a, e).mean(), "elementwise"),
+    (lambda r, a, e: utils.clipped_surrogate(r, a, e).mean(), "elementwise"),
     (lambda r, a, e: torch.zeros_like(r), GENERIC),
     (lambda r, a, e: noise_like(r), GENERIC),
 ])
@@ -231,17 +237,17 @@ def _masked_mean_no_raise(x, m, dim=None):
      r"divided by the number of all tokens \(6\), not the kept ones \(3\)"),
     (lambda x, m, dim=None: x.mean() if dim is None else x.mean(dim), "ignored the mask"),
     (lambda x, m, dim=None: (x * m).sum() if dim is None else (x * m).sum(dim), "masked sum, not the mean"),
-    (lambda x, m, dim=None: masked_mean(x, m, -1).mean() if dim is None else masked_mean(x, m, dim),
+    (lambda x, m, dim=None: utils.masked_mean(x, m, -1).mean() if dim is None else utils.masked_mean(x, m, dim),
      "averaged the per-row means"),
-    (lambda x, m, dim=None: masked_mean(x, m), r"returned shape \[\], expected \[2\]"),
+    (lambda x, m, dim=None: utils.masked_mean(x, m), r"returned shape \[\], expected \[2\]"),
     (_masked_mean_no_raise, "returns nan on an empty mask instead of raising ValueError"),
     (lambda x, m, dim=None: _masked_mean_no_raise(x, m, dim) if m.any() else torch.tensor(0.0),
      r"returns 0 on an empty mask.*instead of raising ValueError"),
     (lambda x, m, dim=None: (x * m).sum() / m.sum().clamp(min=1) if dim is None
      else (x * m).sum(dim) / m.sum(dim).clamp(min=1), r"returns 0 on an empty mask"),
-    (lambda x, m, dim=None: masked_mean(x, m) if dim is None else (x * m).sum(dim) / m.sum(dim).clamp(min=1),
+    (lambda x, m, dim=None: utils.masked_mean(x, m) if dim is None else (x * m).sum(dim) / m.sum(dim).clamp(min=1),
      r"returns \[.*\] when a row keeps no entry"),
-    (lambda x, m, dim=None: masked_mean(x, m, dim) if m.any() else 1 / 0, "raised ZeroDivisionError"),
+    (lambda x, m, dim=None: utils.masked_mean(x, m, dim) if m.any() else 1 / 0, "raised ZeroDivisionError"),
     (lambda x, m, dim=None: torch.zeros(()) if dim is None else torch.zeros(x.shape[:-1]), GENERIC),
 ])
 def test_masked_mean_mistakes(fn, match):
@@ -269,7 +275,7 @@ def _pl(lp, old, adv, mask, clip_eps=0.2, *, invert=False, agg="seq"):
     (lambda *a: _pl(*a, agg="all"), r"divided by the number of all tokens \(T per row\), not the kept ones"),
     (lambda *a: _pl(*a, agg="nomask"), "ignored action_mask"),
     (lambda *a: _pl(*a, invert=True), "ratio is inverted"),
-    (lambda *a: _pl(*a, invert=True, agg="token"), r"ratio is inverted.*; and .*token-mean"),
+    (lambda *a: _pl(*a, invert=True, agg="token"), GENERIC),  # two mistakes at once: no single one matches
     (lambda lp, old, adv, mask, clip_eps=0.2: _pl(lp, old, adv, mask), r"ignored clip_eps"),
     (lambda lp, old, adv, mask, clip_eps=0.2: ((lambda r: -torch.max(r * adv, r.clamp(1 - clip_eps, 1 + clip_eps) * adv))
                                                ((lp - old).exp()) * mask).sum(-1).div(mask.sum(-1)).mean(),
@@ -291,9 +297,9 @@ def test_policy_loss_mistakes(fn, match):
     ("k3", lambda lp, ref: 0.5 * (lp - ref) ** 2, "k2 instead of k3"),
     ("k3", lambda lp, ref: (lp - ref).exp() - 1 - (lp - ref), "swapped log_probs and ref_log_probs"),
     ("k3", lambda lp, ref: (ref - lp).exp() - (ref - lp), "dropped the -1"),
-    ("k3", lambda lp, ref: kl_k3(lp, ref).mean(), "per token"),
+    ("k3", lambda lp, ref: utils.kl_estimate(lp, ref, "k3").mean(), "per token"),
     ("k1", lambda lp, ref: ref - lp, "swapped"),
-    ("k1", kl_k3, "k3 instead of k1"),
+    ("k1", kl("k3"), "k3 instead of k1"),
     ("k2", lambda lp, ref: (lp - ref) ** 2, "dropped the 1/2"),
     ("k3", lambda lp, ref: torch.zeros_like(lp), GENERIC),
     ("k3", lambda lp, ref: noise_like(lp), GENERIC),
@@ -321,7 +327,7 @@ def _gae_vec(r, v, gamma, lam, *, k=None, next_v="zero"):
 @pytest.mark.parametrize("fn, match", [
     (lambda r, v, g, l: _gae_vec(r, v, g, l, k=lambda g, l: 0.0), "reset the GAE accumulator"),
     (lambda r, v, g, l: _gae_vec(r, v, g, l, k=lambda g, l: g), "used gamma instead of gamma\\*lam"),
-    (lambda r, v, g, l: _gae_vec(r, v, g, l, k=lambda g, l: l), "used lam instead of gamma\\*lam"),
+    (lambda r, v, g, l: _gae_vec(r, v, g, l, k=lambda g, l: l), GENERIC),  # lam for gamma*lam: not listed
     (lambda r, v, g, l: _gae_vec(r, v, g, l) + v, "returns A \\+ V"),
     (lambda r, v, g, l: _gae_vec(r, v, g, l, next_v="roll"), "torch.roll wraps"),
     (lambda r, v, g, l: _gae_vec(r, v, g, l, next_v="repeat"), "bootstrapped with V_\\(T-1\\)"),
@@ -362,7 +368,7 @@ def _tr(score, kl, mask, kl_coef, *, masked=True, at="last_kept", sign=-1.0):
     (lambda *a: _tr(*a, at="last"), "score placed at the last position instead of the last kept token"),
     (lambda *a: _tr(*a, at="first"), "score placed at the first token"),
     (lambda *a: _tr(*a, masked=False), "did not zero the KL penalty on masked-out tokens"),
-    (lambda *a: _tr(*a, masked=False, at="last"), r"did not zero .*; and score placed at the last position"),
+    (lambda *a: _tr(*a, masked=False, at="last"), GENERIC),  # two mistakes at once
     (lambda *a: _tr(*a, sign=1.0), "must be subtracted"),
     (lambda s, k, m, c: _tr(s, k, m, 1.0), "forgot kl_coef"),
     (lambda s, k, m, c: torch.where(m.bool(), -c * k, 0.0) + s[:, None] * m, "every kept token"),

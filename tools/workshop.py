@@ -125,7 +125,7 @@ def readme(listing: list[tuple[str, list[Exercise]]]) -> str:
         "",
         "Learner copies of the notebooks, made by `make workshop` (`tools/workshop.py`): each solution is",
         "replaced by a `raise NotImplementedError(...)` stub with a hint; outputs are cleared. Write the",
-        "function, run the cell: its checker (from `utils/checkers.py`) prints a line starting with a",
+        "function, run the cell: its checker (from `utils/checkers/`) prints a line starting with a",
         "check mark, or names the mistake. Run the notebooks in order; each stops at its first unsolved",
         "exercise. The solutions are in the notebooks in `notebooks/`.",
         "",
