@@ -9,9 +9,11 @@ from utils import load_policy, sequence_logprobs
 from utils.masking import masked_sum
 from utils.ppo import (
     ActorConfig, Rollout, actor_update, evaluate, make_optimizer, reference_model, rollout, sample_responses,
-    sample_scores, train,
+    train, update_end,
 )
-from utils.rewards import WordReward
+from utils.kl import kl_from_logits
+from utils.logprobs import response_logits
+from utils.rewards import LaggedReward, WordReward
 
 PROMPT = "ROMEO.\n"
 
@@ -124,16 +126,17 @@ def test_short_train_is_deterministic_and_logs(bundled):
         b = 0.9 * b + 0.1 * h["score"]
 
 
-def test_sample_scores_deterministic_and_leaves_rng(bundled):
+def test_evaluate_deterministic_and_leaves_rng(bundled):
     policy, tok = bundled
+    ref = reference_model(policy)
     cfg = ActorConfig(max_new_tokens=6)
     torch.manual_seed(5)
     state = torch.get_rng_state()
-    s1, texts = sample_scores(policy, tok, PROMPT, WordReward(), cfg, n=8, seed=7, return_texts=True)
+    e1 = evaluate(policy, ref, tok, PROMPT, WordReward(), cfg, n=8, seed=7)
     assert torch.equal(torch.get_rng_state(), state)
-    s2 = sample_scores(policy, tok, PROMPT, WordReward(), cfg, n=8, seed=7)
-    assert s1.shape == (8,) and torch.equal(s1, s2)
-    assert s1.tolist() == [WordReward()(t) for t in texts]
+    e2 = evaluate(policy, ref, tok, PROMPT, WordReward(), cfg, n=8, seed=7)
+    assert e1["scores"].shape == (8,) and torch.equal(e1["scores"], e2["scores"]) and e1["texts"] == e2["texts"]
+    assert e1["scores"].tolist() == [WordReward()(t) for t in e1["texts"]]
 
 
 def test_early_eos_rows_are_masked(bundled):
@@ -199,8 +202,11 @@ def test_kl_loss_pulls_toward_reference(bundled):
     hist = actor_update(policy, make_optimizer(policy, cfg), ro, cfg)
     assert hist[0]["kl_loss"] > 0 and hist[0]["policy_loss"] == 0.0
     assert hist[-1]["kl_loss"] < 0.9 * hist[0]["kl_loss"]
-    # with the coefficient at 0 the term is reported but does not act: the weights do not move
+    # with the coefficient at 0 the term does not act: the weights do not move. p2 drifts like the policy above, so
+    # its KL gradient is not zero (on a copy of the reference it would be, and a KL term that always acted would pass)
     p2, _, _ = fresh(bundled)
+    with torch.no_grad():
+        p2.transformer.wte.weight.mul_(1.1)
     before = [p.detach().clone() for p in p2.parameters()]
     actor_update(p2, make_optimizer(p2, cfg), ro, ActorConfig(max_new_tokens=8, ppo_epochs=2, kl_loss_coef=0.0))
     assert all(torch.equal(a, b) for a, b in zip(before, p2.parameters()))
@@ -211,7 +217,6 @@ def test_evaluate_kl_and_scores(bundled):
     cfg = ActorConfig(max_new_tokens=6)
     ev = evaluate(policy, ref, tok, PROMPT, WordReward(), cfg, n=8, seed=7)
     assert torch.equal(ev["kl"], torch.zeros(8))  # the policy is its own reference
-    assert torch.equal(ev["scores"], sample_scores(policy, tok, PROMPT, WordReward(), cfg, n=8, seed=7))  # same samples
     with torch.no_grad():
         policy.transformer.wte.weight.mul_(1.1)
     ev2 = evaluate(policy, ref, tok, PROMPT, WordReward(), cfg, n=8, seed=7)
@@ -220,5 +225,64 @@ def test_evaluate_kl_and_scores(bundled):
     ids, attn, P, mask = sample_responses(policy, tok, PROMPT, cfg, n=8)
     with torch.no_grad():
         lr = sequence_logprobs(policy, ids, attn, P) - sequence_logprobs(ref, ids, attn, P)
-    torch.testing.assert_close(ev2["kl"], (lr * mask).sum(-1))
+        p, q = response_logits(policy, ids, attn, P).log_softmax(-1), response_logits(ref, ids, attn, P).log_softmax(-1)
+    torch.testing.assert_close(ev2["kl_k1"], (lr * mask).sum(-1))
+    exact = ((p.exp() * (p - q)).sum(-1) * mask).sum(-1)  # sum over the vocabulary, then over kept tokens
+    torch.testing.assert_close(ev2["kl"], exact)
     torch.testing.assert_close(ev2["kl_per_token"], ev2["kl"] / mask.sum(-1))
+    assert bool((ev2["kl"] > 0).all()) and not torch.equal(ev2["kl"], ev2["kl_k1"])
+
+
+def test_kl_from_logits_is_the_exact_kl_and_validates():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 7, generator=g, dtype=torch.float64), torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    p, q = a.softmax(-1), b.softmax(-1)
+    torch.testing.assert_close(kl_from_logits(a, b).double(), (p * (p / q).log()).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl_from_logits(a, a), torch.zeros(3, 5))
+    tau = 0.7
+    pt, qt = (a / tau).softmax(-1), (b / tau).softmax(-1)
+    torch.testing.assert_close(kl_from_logits(a, b, tau).double(), (pt * (pt / qt).log()).sum(-1), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(kl_from_logits(a, b), kl_from_logits(b, a))  # the direction matters
+    with pytest.raises(ValueError, match="shape mismatch"):
+        kl_from_logits(a, b[..., :6])
+    with pytest.raises(ValueError, match="temperature"):
+        kl_from_logits(a, b, 0.0)
+
+
+def test_no_clip_is_the_plain_surrogate(bundled):
+    """clip_eps=None: the loss is -r*A aggregated, so its gradient is never zeroed; the clipped loss's is."""
+    policy, ref, tok = fresh(bundled)
+    torch.manual_seed(2)
+    cfg = ActorConfig(max_new_tokens=8, clip_eps=None, ppo_epochs=6, lr=1e-3)
+    ro = rollout(policy, ref, tok, PROMPT, WordReward(), cfg, baseline=-1.0)  # advantage >= +1 on every token
+    hist = actor_update(policy, make_optimizer(policy, cfg), ro, cfg)
+    assert all(h["clip_frac"] == 0.0 for h in hist) and hist[-1]["ratio_max"] > 1.2
+    p2, _, _ = fresh(bundled)
+    clipped = actor_update(p2, make_optimizer(p2, cfg), ro, ActorConfig(max_new_tokens=8, ppo_epochs=6, lr=1e-3))
+    assert max(h["clip_frac"] for h in clipped) > 0
+    with pytest.raises(ValueError, match="no clip"):
+        ActorConfig(clip_eps=None, dual_clip=3.0)
+
+
+def test_train_reports_the_mean_over_epochs_and_where_the_update_ended(bundled):
+    policy, ref, tok = fresh(bundled)
+    cfg = ActorConfig(max_new_tokens=8, ppo_epochs=3, lr=1e-3, seed=4)
+    hist = train(policy, ref, tok, PROMPT, WordReward(), cfg, n_rollouts=2, progress=False)
+    # replay the same seed by hand: the per-update row is the mean of actor_update's per-epoch rows
+    p2, r2, _ = fresh(bundled)
+    torch.manual_seed(4)
+    ro = rollout(p2, r2, tok, PROMPT, WordReward(), cfg, baseline=0.0)
+    with torch.no_grad():
+        old_logits = response_logits(p2, ro.input_ids, ro.attention_mask, ro.prompt_len)
+    epochs = actor_update(p2, make_optimizer(p2, cfg), ro, cfg)
+    for key in ("loss", "clip_frac", "ratio_max", "approx_kl_k3", "grad_norm", "entropy"):
+        assert hist[0][key] == pytest.approx(sum(e[key] for e in epochs) / len(epochs)), key
+    end = update_end(old_logits, p2, ro, cfg)
+    for key, value in end.items():
+        assert hist[0][key] == pytest.approx(value), key
+    assert end["end_kl_old"] > 0 and end["end_max_abs_log_ratio"] > 0
+
+
+def test_lagged_reward_pairs_each_text_with_the_previous_score():
+    lagged = LaggedReward(WordReward(), first=0.5)
+    assert [lagged(t) for t in ("my love", "no", "thou my joy", "x")] == [0.5, 2.0, 0.0, 3.0]

@@ -17,6 +17,13 @@ from utils.checks import check_clip_eps, check_finite, check_mask, check_same_sh
 from utils.masking import masked_mean, masked_sum
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+# Every reduction the trainers name (notebooks/11_group_advantages.ipynb derives them): verl's ``loss_agg_mode``
+# (verl/trainer/ppo/core_algos.py ``agg_loss`` at 1dda039b) and TRL's ``loss_type`` (trl/trainer/grpo_trainer.py
+# ``_compute_loss`` at f2cd5771), each TRL name mapped to the verl mode it computes.
+VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                  "dapo": "token-mean"}
+AGGREGATIONS = VERL_AGG_MODES + tuple(TRL_LOSS_TYPES)
 
 
 def clipped_surrogate(
@@ -35,22 +42,41 @@ def clipped_surrogate(
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor | None, agg: str = "seq-mean-token-mean",
-              normalizer: float | None = None) -> torch.Tensor:
+              normalizer: float | None = None, horizon: int | None = None) -> torch.Tensor:
     """Reduce per-token losses [B, T] to a scalar.
 
     - "seq-mean-token-mean": mean over each sequence's tokens, then over sequences (the seed note, OpenRLHF's
       per-sample mode).
     - "token-mean": one mean over all kept tokens of the batch (verl's default, DeepSpeed-Chat).
     - "seq-mean-token-sum": sum over each sequence's tokens, mean over sequences.
-    ``normalizer`` replaces the local count in the outer division (tokens for token-mean, sequences for the
-    seq-mean modes): pass the whole batch's count when accumulating gradients over micro-batches.
+    - "token-sum": the sum over all kept tokens (no division; ``normalizer`` is refused).
+    - "seq-mean-token-sum-norm": seq-mean-token-sum / ``horizon`` (a constant; default T = loss.shape[-1], as
+      verl's ``loss_scale_factor=None``; TRL's dr_grpo uses ``max_completion_length``: pass it).
+    - TRL's names (``TRL_LOSS_TYPES``): "grpo" = seq-mean-token-mean, "bnpo" and "dapo" = token-mean (TRL divides
+      dapo by the global ``num_items_in_batch``, bnpo by the micro-batch's count), "dr_grpo" =
+      seq-mean-token-sum-norm.
+    ``normalizer`` replaces the local count in the outer division (tokens for the token-mean modes, sequences for
+    the seq-mean modes): pass the whole batch's count (``global_normalizer``) when accumulating gradients over
+    micro-batches, like verl's ``batch_num_tokens`` / ``global_batch_size`` and TRL's ``num_items_in_batch``.
     """
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
     if loss.dim() != 2:
         raise ValueError(f"per-token loss must be [B, T], got shape {list(loss.shape)}")
     if normalizer is not None and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
+    agg = TRL_LOSS_TYPES.get(agg, agg)
+    if agg == "token-sum":
+        if normalizer is not None:
+            raise ValueError("token-sum divides by nothing: normalizer must be None")
+        return masked_sum(loss, mask)
+    if agg == "seq-mean-token-sum-norm":
+        horizon = loss.shape[-1] if horizon is None else horizon
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon must be an int >= 1 (the constant length the token sums are divided by), got {horizon!r}")
+        return aggregate(loss, mask, "seq-mean-token-sum", normalizer) / horizon
+    if horizon is not None:
+        raise ValueError(f"horizon is only used by seq-mean-token-sum-norm / dr_grpo, not {agg!r}")
     if agg == "token-mean":
         if normalizer is None:
             return masked_mean(loss, mask)
@@ -62,12 +88,33 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor | None, agg: str = "seq-mea
     return per_seq.mean() if normalizer is None else per_seq.sum() / normalizer
 
 
+def global_normalizer(masks: torch.Tensor | list[torch.Tensor], agg: str) -> float | None:
+    """The count ``aggregate`` must divide by so that micro-batches add up to the whole batch's loss.
+
+    masks: the whole batch's action_mask [B, T], or the list of its micro-batches' masks. Returns the number of
+    kept tokens (token-mean, bnpo, dapo), the number of sequences (the seq-mean modes, grpo, dr_grpo), or None
+    (token-sum divides by nothing).
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
+    if not masks or any(m.dim() != 2 for m in masks):
+        raise ValueError("masks must be one [B, T] mask or a non-empty list of them")
+    mode = TRL_LOSS_TYPES.get(agg, agg)
+    if mode == "token-sum":
+        return None
+    count = sum(float(m.bool().sum()) for m in masks) if mode == "token-mean" else float(sum(m.shape[0] for m in masks))
+    if count == 0:
+        raise ValueError("the masks keep no token: there is nothing to normalise by")
+    return count
+
+
 def policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     action_mask: torch.Tensor | None = None,
-    clip_eps: float = 0.2,
+    clip_eps: float | None = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     agg: str = "seq-mean-token-mean",
@@ -77,14 +124,21 @@ def policy_loss(
 
     log_probs (with grad), old_log_probs, advantages, action_mask: [B, T] over response tokens.
     clip_eps is the lower clip eps_low; clip_eps_high (default: = clip_eps) the upper one ("clip-higher",
-    DAPO); dual_clip: c > 1 caps the loss of A < 0 tokens at -c*A. Returns ``(loss, info)``; ``info``
+    DAPO); ``clip_eps=None`` switches the clip off (the plain importance-weighted surrogate -r*A, the control
+    of notebooks/07_what_epsilon_does.ipynb; clip_eps_high and dual_clip must then be None);
+    dual_clip: c > 1 caps the loss of A < 0 tokens at -c*A. Returns ``(loss, info)``; ``info``
     holds floats over the kept tokens: clip_frac (tokens where the clipped branch is taken, so their
     gradient is zero; dual-clipped tokens are counted in dual_clip_frac instead), approx_kl_k1 and approx_kl_k3 (estimates of KL(pi_old || pi_theta)), ratio_mean,
     ratio_min, ratio_max, and dual_clip_frac when dual_clip is set.
     """
     check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, action_mask=action_mask)
-    clip_eps = check_clip_eps(clip_eps)
-    if clip_eps_high is not None:
+    if clip_eps is None:  # no clip at all: clamping at +-inf is the identity
+        if clip_eps_high is not None or dual_clip is not None:
+            raise ValueError("clip_eps=None (no clip) leaves nothing for clip_eps_high or dual_clip to modify")
+        clip_eps = clip_eps_high = float("inf")
+    else:
+        clip_eps = check_clip_eps(clip_eps)
+    if clip_eps_high is not None and clip_eps_high != float("inf"):
         clip_eps_high = check_clip_eps(clip_eps_high, "clip_eps_high")
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (it caps the loss at -c*A beyond the 1+eps clip), got {dual_clip!r}")
@@ -137,8 +191,8 @@ class PolicyLoss(nn.Module):
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
         self.dual_clip = dual_clip
-        if agg not in AGG_MODES:
-            raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+        if agg not in AGGREGATIONS:
+            raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
         self.agg = agg
         self.last_info: dict[str, float] = {}
 

@@ -16,7 +16,8 @@ The KL to the reference enters the per-token rewards (``kl_coef``, the seed note
 OpenRLHF's default) and, optionally, the loss (``kl_loss_coef``, verl's ``use_kl_loss``); notebook 06
 measures why the second holds the policy closer with batch size 1.
 
-Derived in notebooks/06_actor_update.ipynb.
+Derived in notebooks/06_actor_update.ipynb; the no-clip control and ``update_end`` are used in
+notebooks/07_what_epsilon_does.ipynb.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import torch
 from tqdm import tqdm
 
 from utils.advantages import gae, token_rewards, whiten
-from utils.kl import KL_ESTIMATORS, kl_estimate
-from utils.logprobs import sequence_logprobs
-from utils.loss import AGG_MODES, PolicyLoss, aggregate
+from utils.checks import check_clip_eps
+from utils.kl import KL_ESTIMATORS, kl_estimate, kl_from_logits
+from utils.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, sequence_logprobs
+from utils.loss import AGGREGATIONS, aggregate, policy_loss
 from utils.masking import masked_mean, masked_sum, response_mask
 from utils.models import context_length, set_seed
 
@@ -84,14 +86,16 @@ class ActorConfig:
     """AdamW weight decay"""
     max_grad_norm: float | None = 1.0
     """clip the global gradient norm to this before each step (None: no clipping, the norm is still logged)"""
-    clip_eps: float = 0.2
-    """PPO clip range: the ratio pi/pi_old is clipped to [1 - clip_eps, 1 + clip_eps_high]"""
+    clip_eps: float | None = 0.2
+    """PPO clip range: the ratio pi/pi_old is clipped to [1 - clip_eps, 1 + clip_eps_high]. None: no clip (the plain
+    importance-weighted surrogate -r*A; notebook 07's control, not a trainer setting)"""
     clip_eps_high: float | None = None
     """upper clip range ("clip-higher", DAPO); None = clip_eps"""
     dual_clip: float | None = None
     """c > 1 caps the loss of negative-advantage tokens at -c * A (verl uses 3.0); None = off"""
     agg: str = "seq-mean-token-mean"
-    """how per-token losses become one number: "seq-mean-token-mean", "token-mean" or "seq-mean-token-sum\""""
+    """how per-token losses become one number: "seq-mean-token-mean", "token-mean", "seq-mean-token-sum", ...
+    (``utils.loss.AGGREGATIONS``; with one response per update the first two agree)"""
     dropout_in_update: bool = False
     """False: the policy stays in eval mode (dropout off) during the update, as TRL disables dropout; True: train()
     mode, so the first epoch's ratio is no longer 1 (the bundled model has dropout 0.1)"""
@@ -122,9 +126,15 @@ class ActorConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-        if self.agg not in AGG_MODES:
-            raise ValueError(f"agg must be one of {AGG_MODES}, got {self.agg!r}")
-        PolicyLoss(self.clip_eps, self.clip_eps_high, self.dual_clip, self.agg)  # validates the clip settings
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
+        if self.clip_eps is None:
+            if self.clip_eps_high is not None or self.dual_clip is not None:
+                raise ValueError("clip_eps=None (no clip) leaves nothing for clip_eps_high or dual_clip to modify")
+        else:
+            check_clip_eps(self.clip_eps)
+        if self.clip_eps_high is not None:
+            check_clip_eps(self.clip_eps_high, "clip_eps_high")
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip!r}")
 
@@ -141,7 +151,6 @@ class Rollout:
     ref_log_probs: torch.Tensor  # [1, R] log pi_ref(token), no grad, at cfg.temperature
     kl: torch.Tensor  # [1, R] per-token KL estimate (cfg.kl_estimator) of pi_old vs pi_ref
     score: float  # the reward function's number for the response text
-    baseline: float  # b, the constant value estimate subtracted through the values
     values: torch.Tensor  # [1, R] b on kept tokens
     rewards: torch.Tensor  # [1, R] -kl_coef * kl, plus the score on the last kept token
     advantages: torch.Tensor  # [1, R]
@@ -223,7 +232,7 @@ def rollout(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, ba
         advantages = whiten(advantages, action_mask)  # raises on a one-token response
     return Rollout(
         input_ids=input_ids, attention_mask=attention_mask, prompt_len=prompt_len, action_mask=action_mask,
-        old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, kl=kl, score=score, baseline=float(baseline),
+        old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, kl=kl, score=score,
         values=values, rewards=rewards, advantages=advantages, returns=returns, response=response,
     )
 
@@ -237,40 +246,63 @@ def make_optimizer(policy: torch.nn.Module, cfg: ActorConfig) -> torch.optim.Opt
 def actor_update(policy, optimizer: torch.optim.Optimizer, rollout: Rollout, cfg: ActorConfig) -> list[dict]:
     """K = ``cfg.ppo_epochs`` PPO steps on one rollout; returns one diagnostics dict per epoch.
 
-    Each epoch: new log-probs (with grad) -> PolicyLoss against the rollout's old log-probs
+    Each epoch: new log-probs (with grad) -> ``policy_loss`` against the rollout's old log-probs
     (+ ``kl_loss_coef`` * KL to the reference, if set) -> backward -> clip the gradient norm -> AdamW
     step. The diagnostics are measured before that epoch's step: loss (the total), policy_loss,
-    kl_loss (the KL term's value, computed even when its coefficient is 0), clip_frac,
-    ratio_min/max/mean, approx_kl_k1/k3 (to pi_old), entropy (nats, mean over kept tokens) and
-    grad_norm (before clipping).
+    kl_loss (the KL term, only when ``kl_loss_coef > 0``), clip_frac, ratio_min/max/mean,
+    approx_kl_k1/k3 (estimates of KL(pi_old || pi_theta) on the rollout's tokens), entropy (nats, mean
+    over kept tokens) and grad_norm (before clipping).
     """
-    loss_fn = PolicyLoss(cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, cfg.agg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
     policy.train(cfg.dropout_in_update)  # eval() by default: dropout would make pi differ from the pi_old we stored
     history = []
     try:
         for epoch in range(cfg.ppo_epochs):
-            log_probs, entropy = sequence_logprobs(
-                policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, cfg.temperature,
-                return_entropy=True,
-            )  # [1, R] each; log_probs carries the graph
-            pg_loss = loss_fn(log_probs, rollout.old_log_probs, rollout.advantages, rollout.action_mask)
-            kl_ref = kl_estimate(log_probs, rollout.ref_log_probs, cfg.kl_loss_estimator)  # [1, R], with grad
-            kl_loss = aggregate(kl_ref, rollout.action_mask, cfg.agg)
-            loss = pg_loss + cfg.kl_loss_coef * kl_loss if cfg.kl_loss_coef > 0 else pg_loss
+            logits = response_logits(policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)  # [1, R, V]
+            log_probs = logprobs_from_logits(logits, rollout.input_ids[:, rollout.prompt_len:], cfg.temperature)
+            pg_loss, info = policy_loss(
+                log_probs, rollout.old_log_probs, rollout.advantages, rollout.action_mask, clip_eps=cfg.clip_eps,
+                clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, agg=cfg.agg,
+            )
+            loss = pg_loss
+            if cfg.kl_loss_coef > 0:  # verl's use_kl_loss: KL to the reference as a loss term, differentiated directly
+                kl_ref = kl_estimate(log_probs, rollout.ref_log_probs, cfg.kl_loss_estimator)  # [1, R], with grad
+                kl_loss = aggregate(kl_ref, rollout.action_mask, cfg.agg)
+                loss = pg_loss + cfg.kl_loss_coef * kl_loss
+                info["kl_loss"] = kl_loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # before step(), or it clips nothing
             optimizer.step()
-            history.append({
-                "epoch": epoch, "loss": loss.item(), "policy_loss": pg_loss.item(), "kl_loss": kl_loss.item(),
-                **loss_fn.last_info,
-                "entropy": float(masked_mean(entropy, rollout.action_mask)), "grad_norm": float(grad_norm),
-            })
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits.detach(), cfg.temperature), rollout.action_mask)
+            history.append({"epoch": epoch, "loss": loss.item(), "policy_loss": pg_loss.item(), **info,
+                            "entropy": float(entropy), "grad_norm": float(grad_norm)})
     finally:
         policy.eval()
     return history
+
+
+@torch.no_grad()
+def _logits(model, ro: Rollout) -> torch.Tensor:
+    return response_logits(model.eval(), ro.input_ids, ro.attention_mask, ro.prompt_len)  # [1, R, V]
+
+
+def update_end(old_logits: torch.Tensor, policy, ro: Rollout, cfg: ActorConfig) -> dict:
+    """Where one update ended, measured once after its last step on the rollout's positions.
+
+    old_logits: [1, R, V], the sampling policy's logits at the rollout (before the update). Returns
+    ``end_kl_old`` (exact KL(pi_old || pi_new) over the whole vocabulary, mean over kept positions: not an
+    estimate on the very tokens the update pushed), ``end_ratio_min`` / ``end_ratio_max`` and
+    ``end_max_abs_log_ratio`` of the rollout's tokens.
+    """
+    new_logits = _logits(policy, ro)
+    kl = kl_from_logits(old_logits, new_logits, cfg.temperature)  # [1, R]: KL(pi_old || pi_new) per position
+    labels = ro.input_ids[:, ro.prompt_len:]
+    log_ratio = (logprobs_from_logits(new_logits, labels, cfg.temperature) - ro.old_log_probs)[ro.action_mask]
+    return {"end_kl_old": float(masked_mean(kl, ro.action_mask)), "end_ratio_min": float(log_ratio.exp().min()),
+            "end_ratio_max": float(log_ratio.exp().max()), "end_max_abs_log_ratio": float(log_ratio.abs().max())}
 
 
 def _ema(baseline: float, score: float, cfg: ActorConfig) -> float:
@@ -279,87 +311,74 @@ def _ema(baseline: float, score: float, cfg: ActorConfig) -> float:
     return cfg.baseline_decay * baseline + (1.0 - cfg.baseline_decay) * score
 
 
-def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_rollouts: int, progress: bool = True,
-          optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
+def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_rollouts: int,
+          progress: bool = True) -> list[dict]:
     """N rollouts of the same prompt, each followed by ``actor_update``; returns one dict per update.
 
-    Each dict: step, score, baseline, advantage (score - b), kl_ref_k1_mean / kl_ref_k1_sum /
-    kl_ref_k3_mean (KL of the sampling policy to the reference over the response, per token and summed,
-    measured at the rollout, before the update), response_len, and from the PPO epochs: loss,
-    policy_loss and kl_loss (first epoch), clip_frac (mean over epochs), approx_kl_k3 (last epoch,
-    to pi_old), ratio_min / ratio_max (over all epochs), entropy (first epoch), grad_norm (mean),
-    plus the response text.
+    Each dict holds, measured at the rollout (before the update): step, score, baseline, advantage
+    (score - b), kl_ref_k1_mean / kl_ref_k1_sum / kl_ref_k3_mean (KL of the sampling policy to the
+    reference on the response's tokens, per token and summed), response_len and the response text.
+    **One rule for the K epochs:** every per-epoch diagnostic of ``actor_update`` (loss, policy_loss,
+    kl_loss, clip_frac, ratio_min/mean/max, approx_kl_k1/k3, entropy, grad_norm) is reported as its mean
+    over the epochs; where the update ended is measured once after the last step (``update_end``:
+    end_kl_old, end_ratio_min/max, end_max_abs_log_ratio).
     Seeds torch with ``cfg.seed`` first, so the same call gives the same history.
     """
     if not (isinstance(n_rollouts, int) and n_rollouts >= 1):
         raise ValueError(f"n_rollouts must be an int >= 1, got {n_rollouts!r}")
     set_seed(cfg.seed)
-    optimizer = optimizer if optimizer is not None else make_optimizer(policy, cfg)
+    optimizer = make_optimizer(policy, cfg)
     ref.eval()
     baseline = cfg.baseline_init if cfg.baseline == "ema" else 0.0
     history = []
     bar = tqdm(range(n_rollouts), desc="rollouts", disable=not progress, mininterval=1.0)  # few redraws in a notebook
     for step in bar:
         ro = rollout(policy, ref, tokenizer, prompt, reward_fn, cfg, baseline=baseline)
+        old_logits = _logits(policy, ro)
         epochs = actor_update(policy, optimizer, ro, cfg)
         log_ratio_ref = ro.old_log_probs - ro.ref_log_probs  # [1, R]
-        history.append({
+        row = {
             "step": step, "score": ro.score, "baseline": baseline, "advantage": ro.score - baseline,
             "kl_ref_k1_mean": float(masked_mean(log_ratio_ref, ro.action_mask)),
             "kl_ref_k1_sum": float(masked_sum(log_ratio_ref, ro.action_mask)),
             "kl_ref_k3_mean": float(masked_mean(kl_estimate(ro.old_log_probs, ro.ref_log_probs, "k3"), ro.action_mask)),
             "response_len": ro.response_len,
-            "loss": epochs[0]["loss"], "policy_loss": epochs[0]["policy_loss"], "kl_loss": epochs[0]["kl_loss"],
-            "clip_frac": sum(e["clip_frac"] for e in epochs) / len(epochs),
-            "approx_kl_k3": epochs[-1]["approx_kl_k3"],
-            "ratio_min": min(e["ratio_min"] for e in epochs), "ratio_max": max(e["ratio_max"] for e in epochs),
-            "entropy": epochs[0]["entropy"],
-            "grad_norm": sum(e["grad_norm"] for e in epochs) / len(epochs),
-            "response": ro.response,
-        })
+        }
+        row.update({k: sum(e[k] for e in epochs) / len(epochs) for k in epochs[0] if k != "epoch"})  # the one rule
+        row.update(update_end(old_logits, policy, ro, cfg))
+        row["response"] = ro.response
+        history.append(row)
         baseline = _ema(baseline, ro.score, cfg)
         if progress:
             bar.set_postfix(score=f"{ro.score:.1f}", b=f"{baseline:.2f}", refresh=False)
     return history
 
 
-def sample_scores(policy, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n: int = 32, seed: int = 1234,
-                  return_texts: bool = False):
-    """Scores of ``n`` fresh responses to ``prompt`` (one batched generation), to estimate the expected reward.
-
-    Returns a float tensor [n] (and the list of texts if ``return_texts``). Deterministic under ``seed``,
-    and leaves the global RNG as it found it.
-    """
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        input_ids, _, prompt_len, action_mask = sample_responses(policy, tokenizer, prompt, cfg, n=n)
-    texts = [tokenizer.decode(ids[prompt_len:][m], skip_special_tokens=True) for ids, m in zip(input_ids, action_mask)]
-    scores = torch.tensor([float(reward_fn(t)) for t in texts])
-    return (scores, texts) if return_texts else scores
-
-
+@torch.no_grad()
 def evaluate(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n: int = 32, seed: int = 1234) -> dict:
     """Score and KL to the reference of ``n`` fresh responses (one batched generation, deterministic under ``seed``).
 
-    Returns a dict of tensors [n]: ``scores``; ``kl`` = sum over each response's tokens of k1
-    (an unbiased estimate of the sequence-level KL(pi || pi_ref)); ``kl_per_token`` = that sum / length;
-    ``length``; and ``texts`` (list of str). Leaves the global RNG as it found it.
+    Returns a dict of tensors [n]: ``scores``; ``kl`` = the exact KL(pi || pi_ref) of each response's next-token
+    distributions over the whole vocabulary, summed over its tokens (averaged over responses it estimates the
+    sequence-level KL, with far less noise than k1 on the sampled tokens); ``kl_per_token`` = that sum / length;
+    ``kl_k1`` = the k1 sum on the sampled tokens (the same expectation, noisier); ``length``; and ``texts``
+    (list of str). Leaves the global RNG as it found it.
     """
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         input_ids, attention_mask, prompt_len, action_mask = sample_responses(policy, tokenizer, prompt, cfg, n=n)
-    with torch.no_grad():
-        log_probs = sequence_logprobs(policy.eval(), input_ids, attention_mask, prompt_len, cfg.temperature)
-        ref_log_probs = sequence_logprobs(ref.eval(), input_ids, attention_mask, prompt_len, cfg.temperature)
-    kl = masked_sum(kl_estimate(log_probs, ref_log_probs, "k1"), action_mask, dim=-1)  # [n]
+    logits = response_logits(policy.eval(), input_ids, attention_mask, prompt_len)  # [n, R, V]
+    ref_logits = response_logits(ref.eval(), input_ids, attention_mask, prompt_len)
+    labels = input_ids[:, prompt_len:]
+    k1 = logprobs_from_logits(logits, labels, cfg.temperature) - logprobs_from_logits(ref_logits, labels, cfg.temperature)
+    kl = masked_sum(kl_from_logits(logits, ref_logits, cfg.temperature), action_mask, dim=-1)  # [n]
     length = action_mask.sum(-1)
     texts = [tokenizer.decode(ids[prompt_len:][m], skip_special_tokens=True) for ids, m in zip(input_ids, action_mask)]
     scores = torch.tensor([float(reward_fn(t)) for t in texts])
-    return {"scores": scores, "kl": kl, "kl_per_token": kl / length, "length": length, "texts": texts}
+    return {"scores": scores, "kl": kl, "kl_per_token": kl / length, "kl_k1": masked_sum(k1, action_mask, dim=-1),
+            "length": length, "texts": texts}
 
 
 def config_table(cfg: ActorConfig) -> str:

@@ -77,6 +77,26 @@ class WordReward:
         return f"WordReward({len(self.words)} words, normalize={self.normalize}, cap={self.cap})"
 
 
+class LaggedReward:
+    """A control: each response gets the score that ``reward_fn`` gave the *previous* response.
+
+    The scores keep their distribution (they are real scores of this policy's responses), but each is
+    paired with the wrong response, so a policy-gradient update has nothing to learn from them. The first
+    call has no previous response and returns ``first`` (default 0.0). Notebook 06 trains with it to show
+    that the reward's rise comes from the reward, not from the KL term, the optimiser or drift.
+    """
+
+    def __init__(self, reward_fn, first: float = 0.0) -> None:
+        self.reward_fn, self._previous = reward_fn, float(first)
+
+    def __call__(self, text: str) -> float:
+        score, self._previous = self._previous, float(self.reward_fn(text))
+        return score
+
+    def __repr__(self) -> str:
+        return f"LaggedReward({self.reward_fn!r})"
+
+
 def word_reward(text: str, words: frozenset[str] | set[str] | None = None) -> float:
     """Number of words of ``text`` in ``words`` (default: data/reward_words.json). Deterministic."""
     return WordReward(words)(text)
