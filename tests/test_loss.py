@@ -441,6 +441,32 @@ def test_non_finite_inputs(which, bad):
         policy_loss(**args)
 
 
+@pytest.mark.parametrize("new_dtype,old_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.float32, torch.float64)])
+def test_log_prob_dtype_mix_is_refused(new_dtype, old_dtype):
+    # fp16 log-probs against fp32 old ones used to give a loss silently, with a ratio off 1 by the fp16 rounding
+    new, old, adv, mask = _ok_batch()
+    names = [str(d).replace("torch.", "") for d in (new_dtype, old_dtype)]
+    with pytest.raises(ValueError, match=rf"dtype mismatch: log_probs {names[0]}, old_log_probs {names[1]}"):
+        policy_loss(new.to(new_dtype), old.to(old_dtype), adv, mask)
+
+
+def test_advantages_may_have_another_float_dtype():
+    new, old, adv, mask = _ok_batch()
+    loss64, _ = policy_loss(new, old, adv, mask)
+    loss32, _ = policy_loss(new, old, adv.float(), mask)
+    assert loss32.item() == pytest.approx(loss64.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("which", ["log_probs", "old_log_probs", "advantages"])
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+def test_integer_inputs_are_refused(which, dtype):
+    args = dict(zip(["log_probs", "old_log_probs", "advantages", "action_mask"], _ok_batch()))
+    args[which] = (args[which] > 0).to(dtype) if dtype == torch.bool else args[which].round().to(dtype)
+    with pytest.raises(ValueError, match=rf"{which} must be a floating-point tensor, got dtype torch\.{str(dtype)[6:]}"):
+        policy_loss(**args)
+
+
 @pytest.mark.parametrize("eps", [0, 0.0, 1, 1.0, -0.1, 1.5, float("nan")])
 def test_bad_clip_eps(eps):
     new, old, adv, mask = _ok_batch()

@@ -2,6 +2,7 @@
 
 import functools
 import json
+from pathlib import Path
 
 import huggingface_hub
 
@@ -117,3 +118,15 @@ def test_load_policy_unknown_hub_name_offline(monkeypatch):
         load_policy("no-such-org/no-such-model-for-ppo-tests")
     msg = str(info.value)
     assert "HF_HUB_OFFLINE" in msg and "bundled model" in msg and "save_pretrained" in msg
+
+
+@pytest.mark.parametrize("where", ["/no/such/dir", "./no-such-model-dir", Path("no-such-model-dir")])
+def test_load_policy_nonexistent_folder_says_so(where):
+    with pytest.raises(FileNotFoundError, match="folder does not exist"):
+        load_policy(where)
+
+
+def test_load_policy_file_is_not_a_folder(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        load_policy(tmp_path / "model.bin")

@@ -19,6 +19,24 @@ def check_same_shape(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"shape mismatch: {listing}; these must have the same shape")
 
 
+def check_float(**tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the first tensor that is not floating point (integer or bool log-probs, say)."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}; "
+                             "log-probs and advantages are real numbers (did you pass token ids or a mask?)")
+
+
+def check_same_dtype(**tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless every non-None tensor has the same dtype (a silent mix rounds one of them)."""
+    given = {k: v.dtype for k, v in tensors.items() if v is not None}
+    if len(set(given.values())) > 1:
+        listing = ", ".join(f"{k} {str(d).replace('torch.', '')}" for k, d in given.items())
+        raise ValueError(f"dtype mismatch: {listing}; compute them in one dtype (float32: logprobs_from_logits "
+                         "returns float32 even for bf16 logits). A half-precision log-prob is rounded (float16 "
+                         "steps by 0.004 near -5, bfloat16 by 0.03), so the ratio is not 1 where it should be")
+
+
 def check_finite(**tensors: torch.Tensor | None) -> None:
     """Raise ``ValueError`` naming the first tensor that holds a NaN or an infinity."""
     for name, t in tensors.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.checks import check_clip_eps, check_finite, check_mask, check_same_shape
+from utils.checks import check_clip_eps, check_finite, check_float, check_mask, check_same_dtype, check_same_shape
 from utils.masking import masked_mean, masked_sum
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
@@ -122,7 +122,8 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped policy loss and its diagnostics.
 
-    log_probs (with grad), old_log_probs, advantages, action_mask: [B, T] over response tokens.
+    log_probs (with grad), old_log_probs, advantages, action_mask: [B, T] over response tokens; the first three
+    floating point, log_probs and old_log_probs in one dtype (a mix such as fp16 with fp32 is refused).
     clip_eps is the lower clip eps_low; clip_eps_high (default: = clip_eps) the upper one ("clip-higher",
     DAPO); ``clip_eps=None`` switches the clip off (the plain importance-weighted surrogate -r*A, the control
     of notebooks/07_what_epsilon_does.ipynb; clip_eps_high and dual_clip must then be None);
@@ -132,6 +133,8 @@ def policy_loss(
     ratio_min, ratio_max, and dual_clip_frac when dual_clip is set.
     """
     check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, action_mask=action_mask)
+    check_float(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)
+    check_same_dtype(log_probs=log_probs, old_log_probs=old_log_probs)
     if clip_eps is None:  # no clip at all: clamping at +-inf is the identity
         if clip_eps_high is not None or dual_clip is not None:
             raise ValueError("clip_eps=None (no clip) leaves nothing for clip_eps_high or dual_clip to modify")

@@ -83,6 +83,12 @@ def load_policy(name: str | os.PathLike | None = None, device: torch.device | st
     name = name if name is not None else os.environ.get(POLICY_ENV) or DEFAULT_MODEL_DIR
     path = Path(name).expanduser()
     is_local = path.is_dir() or str(name) == str(DEFAULT_MODEL_DIR)
+    # a Path, or a string starting like one ("/", "./", "../", "~"), is a folder, never a hub name ("gpt2", "org/model")
+    looks_local = isinstance(name, os.PathLike) or str(name).startswith(("/", "./", "../", "~", "\\"))
+    if looks_local and not is_local:
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"no model folder at {path}: the folder {what}. Pass a folder written by "
+                                "save_pretrained, a hub name such as 'gpt2', or nothing for the bundled model")
     if is_local and not (path / "config.json").is_file():
         hint = "run `make model` to build it" if path == DEFAULT_MODEL_DIR else "save one there with save_pretrained"
         raise FileNotFoundError(f"no model at {path}: {hint}")
