@@ -3,8 +3,8 @@
 What TRL 1.16 ships and we compare against (notebooks/09_real_trainers.ipynb walks through it):
 ``trl.trainer.utils.selective_log_softmax`` and ``entropy_from_logits`` (vs ``utils.logprobs``),
 ``trl.trainer.utils.nanstd`` (the statistic behind GRPO's reward scaling, vs ``utils.advantages.whiten``),
-and the policy-loss code of ``GRPOTrainer._compute_loss`` (vs ``utils.policy_loss``), called with a
-stand-in trainer object that supplies only the attributes that method reads. TRL 1.16 no longer ships
+and the policy-loss code of ``GRPOTrainer._compute_loss`` (vs ``utils.policy_loss``), called through
+``utils.trainers.trl_grpo_loss`` with a stand-in trainer object that supplies only the attributes that method reads. TRL 1.16 no longer ships
 ``masked_mean``/``whiten``/``masked_whiten`` (they lived in the removed ``trl/core.py``).
 Everything is fp32 and offline; naive loops in float64 are the independent reference.
 """
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import types
-from collections import defaultdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import entropy_from_logits as trl_entropy  # noqa: E402
 from trl.trainer.utils import nanstd, selective_log_softmax  # noqa: E402
 
@@ -29,6 +26,7 @@ from utils.kl import kl_estimate  # noqa: E402
 from utils.logprobs import entropy_from_logits, logprobs_from_logits  # noqa: E402
 from utils.loss import aggregate, policy_loss  # noqa: E402
 from utils.masking import masked_mean  # noqa: E402
+from utils.trainers import trl_grpo_loss  # noqa: E402
 
 SHAPES = [(1, 1, 11), (4, 17, 50), (2, 5, 4096), (3, 33)]  # [..., V]: last dim is the vocabulary
 
@@ -109,26 +107,6 @@ def test_trl_1_16_ships_no_masked_mean_or_whiten():
 # ---------------------------------------------------------------- TRL's own GRPO loss code on our tensors
 
 
-class GRPOLossHarness:
-    """Only the attributes ``GRPOTrainer._compute_loss`` (trl 1.16.0) reads; our log-probs replace the model forward."""
-
-    def __init__(self, log_probs, loss_type, epsilon=0.2, epsilon_high=None, beta=0.0):
-        self._log_probs = log_probs
-        self.loss_type, self.beta = loss_type, beta
-        self.epsilon_low, self.epsilon_high = epsilon, epsilon if epsilon_high is None else epsilon_high
-        self.args = types.SimpleNamespace(delta=None, use_bias_correction_kl=False)
-        self.top_entropy_quantile, self.off_policy_mask_threshold = 1.0, None
-        self.importance_sampling_level, self.use_vllm, self.aux_loss_enabled = "token", False, False
-        self._entropy_bonus_enabled = False
-        self.model = types.SimpleNamespace(training=False)  # "eval": no division by gradient-accumulation steps
-        self.current_gradient_accumulation_steps = 1
-        self.accelerator = types.SimpleNamespace(reduce=lambda t, reduction: t, gather=lambda t: t, num_processes=1)
-        self._metrics = defaultdict(lambda: defaultdict(list))
-
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
-        return self._log_probs, torch.zeros_like(self._log_probs), None
-
-
 def _batch(B, T, seed, empty_row=False):
     g = torch.Generator().manual_seed(seed)
     log_probs = (-2.0 + 0.5 * torch.randn(B, T, generator=g)).requires_grad_()
@@ -143,16 +121,8 @@ def _batch(B, T, seed, empty_row=False):
 
 
 def _trl_loss(log_probs, old, adv, mask, loss_type, ref=None, **kw):
-    B, T = log_probs.shape
-    harness = GRPOLossHarness(log_probs, loss_type, **kw)
-    inputs = {
-        "prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-        "advantages": adv, "old_per_token_logps": old, "num_items_in_batch": mask.sum().float(),
-    }
-    if ref is not None:
-        inputs["ref_per_token_logps"] = ref
-    return GRPOTrainer._compute_loss(harness, None, inputs), harness._metrics["eval"]
+    """TRL's own ``GRPOTrainer._compute_loss``, run by ``utils.trainers.trl_grpo_loss`` on our tensors."""
+    return trl_grpo_loss(log_probs, old, adv, mask, loss_type, ref_log_probs=ref, **kw)
 
 
 @pytest.mark.parametrize("B,T,seed", [(1, 5, 0), (4, 9, 1), (8, 16, 2)])
