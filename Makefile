@@ -20,16 +20,22 @@ export PYTHONHASHSEED := 0
 export OMP_WAIT_POLICY ?= PASSIVE
 export MPLBACKEND := module://matplotlib_inline.backend_inline
 
-.PHONY: setup model book test robust lab bench workshop clean browser
+.PHONY: setup model book site serve test robust lab bench workshop clean ci-deps
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+# The test environment: core + [trainers] + [dev] + [book] pins (requirements*.txt), then this package.
+# On Linux without a GPU, `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes torch's
+# CPU build from PyTorch's index first (plain pip brings the CUDA build).
+TORCH_INDEX ?=
+REQUIREMENTS := requirements.txt requirements-trainers.txt requirements-dev.txt requirements-book.txt
+
+$(STAMP): $(REQUIREMENTS) requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt          # torch==2.13.0: the CPU wheel on disk
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q --index-url $(TORCH_INDEX) torch==$$(sed -n 's/^torch==//p' requirements.txt))
+	$(PY) -m pip install -q $(addprefix -r ,$(REQUIREMENTS))
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) tools/site.py --fetch                           # KaTeX from the npm registry, once
 	touch $@
 
 model: $(REBUILT)/manifest.json
@@ -50,14 +56,28 @@ robust: $(STAMP) $(ROBUST_MODEL)/manifest.json
 
 book: $(STAMP)
 	$(PY) tools/execute.py $(NOTEBOOKS) --inplace --html build/html
-	$(PY) tools/site.py                                   # build/site/index.html, readable offline
+	$(MAKE) site
 
-# Debian's Chromium for the browser test of the rendered book (needs root, as on CI).
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+# The book: Sphinx + myst-nb render the executed notebooks as they are (book/conf.py), a few seconds.
+# Fails on any warning, and if a page would load anything from another host.
+site: $(STAMP)
+	$(PY) book/build.py                                   # -> build/site/index.html
 
-test: $(STAMP) browser
+# The built book on this machine only; for a workshop room: make serve HOST=0.0.0.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve:
+	test -f build/site/index.html || $(MAKE) site
+	@echo "The book: http://$(HOST):$(PORT)/  (Ctrl-C stops)"
+	$(PY) -m http.server $(PORT) --bind $(HOST) --directory build/site
+
+# CI only (root, Debian): the Chromium that the browser test drives. On a laptop install a Chromium
+# yourself (tests/test_site.py says how); `make test` never installs system packages.
+ci-deps:
+	command -v chromium >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: $(STAMP)
 	$(PY) -m pytest -q -rs
 
 bench: $(STAMP)
@@ -67,7 +87,6 @@ workshop: $(STAMP)
 	$(PY) tools/workshop.py
 
 lab: $(STAMP)
-	$(PY) -m pip install -q jupyterlab==4.6.6
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:

@@ -1,110 +1,176 @@
-"""The rendered book (tools/site.py): built from the notebooks, then looked at in headless Chromium.
+"""The book (book/, built by `make site` with Sphinx + myst-nb), without and then with a browser.
 
-The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium
-chromium-driver``); without them it FAILS with that message rather than skipping, because CI installs
-them. It drives ChromeDriver through the W3C WebDriver HTTP protocol with the standard library only
-(no selenium), serves the site on a loopback port, and saves build/site-screenshot.png.
+Without a browser: every notebook has a page in the sidebar in order, with previous/next links; every
+exercise's solution is folded behind a toggle; nothing would be fetched from another host; the build
+needs no Node/npm; the workshop track page agrees with the learner copies that `make workshop` writes.
+
+In a browser: Playwright drives a Chromium that is already on the machine (no `playwright install`):
+$CHROMIUM, or `chromium` / `chromium-browser` / `google-chrome` on PATH, or Chrome/Chromium in
+/Applications on macOS. Every request the pages make is recorded, and any that is not for the local
+server is blocked and fails the test. Without a Chromium the test skips on a laptop with a message
+saying how to get one, and FAILS on CI (CI=true), where `make ci-deps` installs Debian's.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import glob
-import hashlib
 import http.server
 import importlib.util
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-# tools/site.py, loaded by path: its name would clash with the standard library's `site` module
-_spec = importlib.util.spec_from_file_location("book_site", ROOT / "tools" / "site.py")
-book_site = importlib.util.module_from_spec(_spec)
-sys.modules["book_site"] = book_site  # dataclasses look their module up there
-_spec.loader.exec_module(book_site)
 
-# SITE_NOTEBOOKS (a glob) lets a developer point the test at other notebooks
-NOTEBOOKS = sorted(Path(p) for p in glob.glob(os.environ.get("SITE_NOTEBOOKS", str(ROOT / "notebooks" / "[0-9]*.ipynb"))))
-INSTALL_HINT = "apt-get update && apt-get install -y chromium chromium-driver"
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+book_build = _load("book_build", ROOT / "book" / "build.py")
+ppo_book = _load("ppo_book", ROOT / "book" / "_ext" / "ppo_book.py")
+workshop = _load("workshop_tool", ROOT / "tools" / "workshop.py")
+
+
+def _exercise_cells(nb_path: Path) -> list[str]:
+    nb = json.loads(nb_path.read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code" and ppo_book.BEGIN in "".join(c["source"])]
+
+
+class _Page(HTMLParser):
+    """The hrefs of <a> by class, <link rel> targets, and the <details> toggles of one page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.a: list[dict] = []
+        self.rel: dict[str, str] = {}
+        self.details: list[str] = []
+        self._in_details = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "a":
+            self.a.append(attrs)
+        elif tag == "link" and attrs.get("rel") in ("prev", "next"):
+            self.rel[attrs["rel"]] = attrs["href"]
+        elif tag == "details":
+            self._in_details += 1
+            self.details.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "details":
+            self._in_details -= 1
+
+    def handle_data(self, data):
+        if self._in_details:
+            self.details[-1] += data
+
+    def hrefs(self, cls: str) -> list[str]:
+        return [a["href"] for a in self.a if cls in (a.get("class") or "").split()]
 
 
 # ---------------------------------------------------------------- the build, without a browser
 
 
-class _Links(HTMLParser):
-    """The attributes of every <a> in a page."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.links: list[dict] = []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            self.links.append(dict(attrs))
-
-
-def _rel(page: Path, rel: str) -> list[str]:
-    return [a.get("href") for a in _Links(page.read_text(encoding="utf-8")).links if a.get("rel") == rel]
-
-
-def _tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """The book built from every notebook that exists now."""
+    """The book built from every notebook, with no npm or node reachable (an empty PATH)."""
     if not NOTEBOOKS:
-        pytest.fail("no notebooks/[0-9]*.ipynb to build the site from")
-    out = tmp_path_factory.mktemp("book") / "site"
-    book_site.build(NOTEBOOKS, out)
-    return out
+        pytest.fail("no notebooks/[0-9]*.ipynb to build the book from")
+    tmp = tmp_path_factory.mktemp("book")
+    (tmp / "empty-bin").mkdir()
+    return book_build.build(tmp / "site", env={**os.environ, "PATH": str(tmp / "empty-bin")})
 
 
-def test_every_notebook_has_a_page_and_an_index_row(site):
-    index = (site / "index.html").read_text(encoding="utf-8")
-    meta = json.loads((site / "book.json").read_text(encoding="utf-8"))
-    assert [m["notebook"] for m in meta] == [p.name for p in NOTEBOOKS]
-    for m in meta:
-        assert (site / m["page"]).is_file()
-        assert f'href="{m["page"]}"' in index
-        assert m["title"] and m["minutes"] >= 1
-    # every page links back to the index (top and bottom), and to its neighbours: none before the first,
-    # none after the last
-    pages = [m["page"] for m in meta]
-    for i, page in enumerate(pages):
-        hrefs = [a.get("href") for a in _Links((site / page).read_text(encoding="utf-8")).links]
-        assert hrefs.count("index.html") == 2, page
-        assert _rel(site / page, "prev") == ([pages[i - 1]] * 2 if i > 0 else [])
-        assert _rel(site / page, "next") == ([pages[i + 1]] * 2 if i + 1 < len(pages) else [])
+def _page(site: Path, nb: Path) -> Path:
+    return site / "notebooks" / (nb.stem + ".html")
 
 
-def test_site_has_katex_and_nothing_remote(site):
-    assert (site / "katex" / "katex.min.js").is_file() and (site / "katex" / "contrib" / "auto-render.min.js").is_file()
-    assert any((site / "katex" / "fonts").glob("*.woff2"))
-    assert book_site.external_references(site) == []
-    for page in site.glob("*.html"):
+def test_every_notebook_in_the_sidebar_in_order_with_prev_next(site):
+    pages = [f"notebooks/{nb.stem}.html" for nb in NOTEBOOKS]
+    index = _Page((site / "index.html").read_text(encoding="utf-8"))
+    sidebar = [h for h in index.hrefs("reference") if h.startswith("notebooks/")]
+    assert sidebar[: len(pages)] == pages, sidebar
+    order = ["index.html", *pages, "workshop.html"]
+    for i, page in enumerate(order):
+        p = _Page((site / page).read_text(encoding="utf-8"))
+        here = (site / page).parent
+        resolve = lambda href: str((here / href).resolve().relative_to(site.resolve()))  # noqa: E731
+        assert ("prev" in p.rel) == (i > 0) and ("next" in p.rel) == (i + 1 < len(order)), page
+        if i > 0:
+            assert resolve(p.rel["prev"]) == order[i - 1] and [resolve(h) for h in p.hrefs("left-prev")] == [order[i - 1]]
+        if i + 1 < len(order):
+            assert resolve(p.rel["next"]) == order[i + 1] and [resolve(h) for h in p.hrefs("right-next")] == [order[i + 1]]
+
+
+def test_every_solution_is_folded_behind_a_toggle(site):
+    total = 0
+    for nb in NOTEBOOKS:
+        cells = _exercise_cells(nb)
+        html = _page(site, nb).read_text(encoding="utf-8")
+        p = _Page(html)
+        toggles = [d for d in p.details if ppo_book.SHOW in d]
+        assert len(toggles) == sum(s.count(ppo_book.BEGIN) for s in cells), nb.name
+        for cell, toggle in zip(cells, toggles):
+            solution = next(code for code, is_sol in ppo_book.split_solutions(cell) if is_sol)
+            last = [ln.strip() for ln in solution.splitlines() if ln.strip()][-1]
+            assert last in toggle.replace("\n", ""), (nb.name, last)  # the solution's last line is inside the toggle
+        assert "BEGIN SOLUTION" not in html and "END SOLUTION" not in html, nb.name
+        total += len(toggles)
+    assert total >= 1, "no exercise found to fold"
+
+
+def test_split_solutions():
+    src = "def f(x):\n    '''doc'''\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION\n\ncheck_f(f)\n"
+    assert ppo_book.split_solutions(src) == [("def f(x):\n    '''doc'''", False), ("    return x", True), ("check_f(f)", False)]
+    two = "### BEGIN SOLUTION\na = 1\n### END SOLUTION\nb = 2\n  ### BEGIN SOLUTION\n  c = 3\n  ### END SOLUTION\n"
+    assert [s for _, s in ppo_book.split_solutions(two)] == [True, False, True]
+    for bad in ("### BEGIN SOLUTION\nx", "x\n### END SOLUTION", "### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION"):
+        with pytest.raises(ValueError, match="SOLUTION|marker"):
+            ppo_book.split_solutions(bad)
+
+
+def test_fold_keeps_outputs_on_the_last_piece_and_other_cells_alone():
+    out = new_output("stream", name="stdout", text="ok\n")
+    nb = new_notebook(cells=[new_markdown_cell("# t"), new_code_cell("x = 1"),
+                             new_code_cell("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION\ncheck(f)",
+                                           execution_count=3, outputs=[out])])
+    nb = json.loads(nbformat.writes(nb))
+    assert ppo_book.fold_solutions(nb) == 1
+    cells = nb["cells"]
+    assert [c["source"] for c in cells[2:]] == ["def f():", "    return 1", "check(f)"]
+    assert [c["metadata"].get("tags", []) for c in cells[2:]] == [[], ["hide-input"], []]
+    assert cells[3]["metadata"]["mystnb"]["code_prompt_show"] == ppo_book.SHOW
+    assert [len(c["outputs"]) for c in cells[2:]] == [0, 0, 1] and cells[4]["execution_count"] == 3
+    assert "".join(cells[4]["outputs"][0]["text"]) == out["text"]
+    assert len({c["id"] for c in cells}) == len(cells)
+
+
+def test_site_has_offline_mathjax_and_nothing_remote(site):
+    assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert any((site / "_static" / "mathjax").rglob("*.woff"))
+    assert ppo_book.external_references(site) == []
+    for page in site.rglob("*.html"):
         text = page.read_text(encoding="utf-8")
-        assert "cdnjs" not in text and "cdn.jsdelivr" not in text and "require.js" not in text, page.name
+        assert "cdn.jsdelivr" not in text and "cdnjs" not in text and "unpkg.com" not in text, page.name
 
 
 def test_scanner_catches_what_a_browser_would_fetch(tmp_path):
@@ -115,146 +181,111 @@ def test_scanner_catches_what_a_browser_would_fetch(tmp_path):
         '<body><a href="https://example.org/read-more">fine: a link is not fetched</a>'
         '<script type="module">const m = await import("https://cdn.example.org/z.mjs");</script></body></html>')
     (tmp_path / "b.css").write_text('@font-face { src: url("https://fonts.example.org/f.woff2"); }')
-    found = book_site.external_references(tmp_path)
+    found = ppo_book.external_references(tmp_path)
     assert len(found) == 4, found
     assert not any("read-more" in f for f in found)
 
 
-def test_build_is_idempotent(tmp_path):
-    nbs = []
-    for p in NOTEBOOKS[:2]:  # copies: a notebook re-executed meanwhile must not change the inputs between builds
-        nbs.append(tmp_path / p.name)
-        shutil.copyfile(p, nbs[-1])
-    book_site.build(nbs, tmp_path / "one")
-    book_site.build(nbs, tmp_path / "two")
-    book_site.build(nbs, tmp_path / "two")  # over an existing build
-    assert _tree_digest(tmp_path / "one") == _tree_digest(tmp_path / "two")
-
-
-def test_title_blurb_and_reading_time_from_a_handmade_notebook(tmp_path):
-    nb = new_notebook()
-    prose = " ".join(["word"] * 390)
-    nb.cells = [
-        new_markdown_cell("# 07 — A made-up notebook\n\n**The question:** what does `x` do? One line.\n\n" + prose),
-        new_code_cell("a = 1\n\nb = 2\nprint(a + b)\n"),  # 3 non-blank lines
-        new_markdown_cell("## Later\n\n" + " ".join(["w"] * 8)),
-    ]
-    e = book_site.describe(tmp_path / "07_made_up.ipynb", nb)
-    assert e.title == "07 — A made-up notebook" and e.short_title == "A made-up notebook"
-    assert e.blurb == "**The question:** what does `x` do? One line."
-    assert e.code_lines == 3
-    # words are tokens with a letter or digit ("#" and "—" are not words): 4 in the heading, 8 in the
-    # question, 390 of prose, 1 in "## Later", 8 w's
-    assert e.words == 4 + 8 + 390 + 1 + 8
-    # 411 words / 200 + 3 lines / 10 = 2.355 -> 3 minutes
-    assert e.minutes == 3
-    assert book_site.inline_markdown(e.blurb) == "<strong>The question:</strong> what does <code>x</code> do? One line."
-
-
-def test_blurb_markdown_leaves_code_and_math_alone():
-    """A ``*`` inside `code` or $math$ is not emphasis (notebook 02's blurb has `-min(r*A, clip(...)*A)`)."""
-    got = book_site.inline_markdown("`-min(r*A, c*A)` is *the* loss, $a*b < c$ & <b>")
-    assert got == "<code>-min(r*A, c*A)</code> is <em>the</em> loss, $a*b &lt; c$ &amp; &lt;b&gt;"
-
-
-def test_plots_are_embedded_pngs(tmp_path):
-    """A notebook whose output is a PNG gets an <img src="data:image/png;base64,...">, not a file link."""
-    png = base64.b64encode(bytes.fromhex(
-        "89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
-    )).decode()
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell("# 01 — Pic\n\nA $1\\times1$ image."), new_code_cell("show()", execution_count=1)]
-    nb.cells[1].outputs = [new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"})]
-    path = tmp_path / "01_pic.ipynb"
+def test_build_fails_when_a_page_would_load_something_remote(tmp_path):
+    nb = new_notebook(cells=[new_markdown_cell('# 01 — Remote\n\n<img src="https://example.org/pic.png" alt="x">\n')])
+    path = tmp_path / "01_remote.ipynb"
     nbformat.write(nb, path)
-    book_site.build([path], tmp_path / "site")
-    page = (tmp_path / "site" / "01_pic.html").read_text(encoding="utf-8")
-    assert f'src="data:image/png;base64,{png}' in page
+    with pytest.raises(subprocess.CalledProcessError):
+        book_build.build(tmp_path / "site", [path], capture=True)
+
+
+# ---------------------------------------------------------------- the workshop track page
+
+TRACK = ROOT / "book" / "workshop.md"
+ROW = re.compile(r"^\| (?P<start>\d:\d\d)–(?P<end>\d:\d\d) \| (?P<nb>\d\d|—) \| (?P<what>[^|]+?) \| (?P<mode>\w+) \|$", re.M)
+EXERCISE = re.compile(r"Exercise (\d+\.\d+)")
+
+
+def _minutes(t: str) -> int:
+    h, m = t.split(":")
+    return 60 * int(h) + int(m)
+
+
+@pytest.fixture(scope="module")
+def learner_copies(tmp_path_factory) -> dict[str, list]:
+    """{exercise number: [notebook name, estimate in minutes, stubbed cell source]} from `make workshop`'s output."""
+    out = tmp_path_factory.mktemp("workshop")
+    assert workshop.main(["--out", str(out)]) == 0
+    found = {}
+    for path in sorted(out.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            first = cell.source.lstrip("\n").splitlines()[0] if cell.source.strip() else ""
+            m = re.match(r"#\s*Exercise (\d+\.\d+) \([^,]+, ~(\d+) min\)", first)
+            if cell.cell_type == "code" and m:
+                found[m.group(1)] = [path.name, int(m.group(2)), cell.source]
+    return found
+
+
+def test_workshop_track_is_three_contiguous_hours():
+    rows = list(ROW.finditer(TRACK.read_text(encoding="utf-8")))
+    assert rows, "no schedule rows in book/workshop.md"
+    assert rows[0]["start"] == "0:00" and rows[-1]["end"] == "3:00"
+    for a, b in zip(rows, rows[1:]):
+        assert a["end"] == b["start"], (a.group(0), b.group(0))
+    for r in rows:
+        assert _minutes(r["end"]) > _minutes(r["start"]), r.group(0)
+        assert r["mode"] in ("present", "exercise", "break"), r.group(0)
+
+
+def test_workshop_track_names_the_learner_copies_exercises(learner_copies):
+    text = TRACK.read_text(encoding="utf-8")
+    rows = list(ROW.finditer(text))
+    scheduled = {}
+    for r in rows:
+        for num in EXERCISE.findall(r["what"]):
+            assert r["mode"] == "exercise", r.group(0)
+            scheduled.setdefault(num, []).append(r)
+    assigned = set(EXERCISE.findall(text.split("**Assigned after the session:**", 1)[1].split("\n\n", 1)[0]))
+    named = set(EXERCISE.findall(text)) | set(re.findall(r"\b(\d\.\d)\b(?= (?:and \d\.\d )?in \[)", text))
+    for num in named:
+        assert num in learner_copies, f"the track names Exercise {num}, which no learner copy has"
+    for num, (nb_name, estimate, source) in learner_copies.items():
+        assert "NotImplementedError" in source and "BEGIN SOLUTION" not in source, f"{num} is not a stub in {nb_name}"
+        assert (num in scheduled) != (num in assigned), f"Exercise {num} must be either scheduled or assigned, once"
+        for r in scheduled.get(num, []):
+            assert r["nb"] == nb_name[:2], f"Exercise {num} is in {nb_name}, the track puts it under {r['nb']}"
+            slot = _minutes(r["end"]) - _minutes(r["start"])
+            need = sum(learner_copies[n][1] for n in EXERCISE.findall(r["what"]))
+            assert slot >= need, f"{r.group(0)}: {slot} min for exercises estimated at {need} min"
+
+
+def test_workshop_track_sections_exist():
+    for r in ROW.finditer(TRACK.read_text(encoding="utf-8")):
+        for sec in re.findall(r"§(\d+)", r["what"]):
+            nb = next((p for p in NOTEBOOKS if p.name.startswith(r["nb"] + "_")), None)
+            assert nb is not None, r.group(0)
+            headings = [c.source for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "markdown"]
+            assert any(re.search(rf"^## {sec}\. ", h, re.M) for h in headings), f"{nb.name} has no section {sec}"
 
 
 # ---------------------------------------------------------------- in a real browser
 
-
-class WebDriver:
-    """The few W3C WebDriver commands the test needs, spoken to ChromeDriver over loopback HTTP."""
-
-    ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C web element key
-
-    def __init__(self, chromium: str, chromedriver: str, profile: Path):
-        self.port = _free_port()
-        self.proc = subprocess.Popen([chromedriver, f"--port={self.port}", "--allowed-ips=127.0.0.1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self._call("GET", "/status")["ready"]:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.proc.kill()
-                raise RuntimeError("chromedriver did not start")
-            time.sleep(0.1)
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,2000",
-                "--hide-scrollbars", "--force-device-scale-factor=1"]
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome",
-                                                 "goog:chromeOptions": {"binary": chromium, "args": args}}}}
-        self.session = self._call("POST", "/session", caps)["sessionId"]
-
-    def _call(self, method: str, path: str, body: dict | None = None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return json.loads(resp.read())["value"]
-        except urllib.error.HTTPError as err:
-            raise RuntimeError(f"WebDriver {method} {path}: {err.read().decode(errors='replace')[:500]}") from None
-
-    def cmd(self, method: str, path: str, body: dict | None = None):
-        return self._call(method, f"/session/{self.session}{path}", body)
-
-    def get(self, url: str) -> None:
-        self.cmd("POST", "/url", {"url": url})
-
-    def js(self, script: str, *args):
-        return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
-
-    def click(self, css: str) -> None:
-        el = self.cmd("POST", "/element", {"using": "css selector", "value": css})[self.ELEMENT]
-        self.cmd("POST", f"/element/{el}/click", {})
-
-    def wait_for(self, script: str, timeout: float = 20.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.js(script)
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for: {script}")
-
-    def screenshot(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(self.cmd("GET", "/screenshot")))
-
-    def quit(self) -> None:
-        try:
-            self._call("DELETE", f"/session/{self.session}")
-        finally:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+CHROMIUM_HINT = ("Install a Chromium: Debian/Ubuntu `sudo apt-get install chromium` (as CI does with "
+                 "`make ci-deps`), macOS `brew install --cask chromium` (or use Google Chrome), or point "
+                 "CHROMIUM=/path/to/chrome at one.")
+MAC_APPS = ["/Applications/Chromium.app/Contents/MacOS/Chromium",
+            "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _find_chromium() -> str | None:
+    if os.environ.get("CHROMIUM"):
+        return os.environ["CHROMIUM"]
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return next((p for p in MAC_APPS if Path(p).exists()), None)
+
+
+def _unavailable(why: str):
+    if ON_CI:
+        pytest.fail(f"BROWSER TEST CANNOT RUN ON CI: {why}. CI must install it (`make ci-deps`).", pytrace=False)
+    pytest.skip(f"browser test skipped: {why}. {CHROMIUM_HINT}")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -265,94 +296,131 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def served(site):
     """The site over http on a free loopback port (stopped after the module)."""
-    handler = functools.partial(_QuietHandler, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
 
 
 @pytest.fixture(scope="module")
-def browser():
-    """Headless Debian Chromium through ChromeDriver. Fails (does not skip) when they are missing."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    chromedriver = shutil.which("chromedriver")
-    if not (chromium and chromedriver):
-        missing = [n for n, p in (("chromium", chromium), ("chromedriver", chromedriver)) if not p]
-        pytest.fail(f"BROWSER TEST NEEDS SYSTEM PACKAGES: {', '.join(missing)} not found on PATH. "
-                    f"Install them with `{INSTALL_HINT}` (CI does this in `make setup`).", pytrace=False)
-    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))
-    driver = WebDriver(chromium, chromedriver, profile)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+def browser_page(served):
+    """(page, requests): a Chromium page whose every request is recorded; non-local ones are blocked."""
+    chromium = _find_chromium()
+    if not chromium:
+        _unavailable("no Chromium found")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the `playwright` package is not installed (requirements-dev.txt)")
+    origin = urlsplit(served).netloc
+    requests: list[str] = []
+
+    def route(r):
+        url = urlsplit(r.request.url)
+        (r.continue_() if url.scheme in ("data", "blob") or url.netloc == origin else r.abort())
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        context.on("request", lambda r: requests.append(r.url))
+        context.on("websocket", lambda ws: requests.append(ws.url))
+        context.route("**/*", route)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        yield page, requests
+        browser.close()
 
 
-# Text a reader sees outside code and rendered math: no "$$" or "\begin{" may be left there.
-RAW_MATH_LEFT = """
-const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT, {acceptNode(n) {
-  return n.parentElement.closest('pre, code, script, style, .katex') ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT;
-}});
-const left = [];
-while (walker.nextNode()) {
-  const t = walker.currentNode.nodeValue;
-  if (t.includes('$$') || t.includes('\\\\begin{')) left.push(t.trim().slice(0, 80));
-}
-return left;
-"""
-
-PAGE_FACTS = """
-const imgs = [...document.querySelectorAll('.jp-OutputArea-output img')];
-return {
-  title: document.title,
-  plots: imgs.length,
-  plots_drawn: imgs.filter(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0).length,
-  katex: document.querySelectorAll('.katex').length,
-  katex_display: document.querySelectorAll('.katex-display').length,
-  katex_errors: document.querySelectorAll('.katex-error').length,
-  katex_font: document.fonts.check('16px KaTeX_Main'),
-  next: !!document.querySelector('a[rel=next]'),
-  up: !!document.querySelector('a.up[href="index.html"]'),
-};
-"""
+MATH_FACTS = """() => {
+  const left = [];
+  const walker = document.createTreeWalker(document.querySelector('main') || document.body, NodeFilter.SHOW_TEXT, {acceptNode(n) {
+    return n.parentElement.closest('pre, code, script, style, mjx-container, mjx-assistive-mml') ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT;
+  }});
+  while (walker.nextNode()) {
+    const t = walker.currentNode.nodeValue;
+    if (/\\$\\$|\\\\\\(|\\\\\\[|\\\\begin\\{|\\\\frac/.test(t)) left.push(t.trim().slice(0, 80));
+  }
+  return {
+    rendered: document.querySelectorAll('mjx-container').length,
+    display: document.querySelectorAll('mjx-container[display="true"]').length,
+    errors: document.querySelectorAll('mjx-merror').length,
+    left: left,
+  };
+}"""
 
 
-def _page_with_plot_and_math(site: Path) -> str:
-    """The first page that has both an embedded PNG and display math: the one the test follows."""
-    for meta in json.loads((site / "book.json").read_text(encoding="utf-8")):
-        text = (site / meta["page"]).read_text(encoding="utf-8")
-        if 'src="data:image/png' in text and "$$" in text:
-            return meta["page"]
-    pytest.fail("no notebook page has both a plot (embedded PNG) and display math ($$) to check in the browser")
+def _page_with_plot_and_math(site: Path) -> Path:
+    for nb in NOTEBOOKS:
+        html = _page(site, nb).read_text(encoding="utf-8")
+        if re.search(r'class="cell_output[^"]*".*?<img [^>]*src="\.\./_images/', html, re.S) and "math notranslate" in html:
+            return nb
+    pytest.fail("no notebook page has both a plot and math to check in the browser")
 
 
-@pytest.mark.browser  # needs Debian chromium + chromium-driver; FAILS (never skips) without them
-def test_in_headless_chromium(site, served, browser):
-    """Open the index, follow a link to a notebook page, and see its math and plots rendered; screenshot it."""
+@pytest.mark.browser  # skips on a laptop without a Chromium, FAILS on CI
+def test_in_chromium(site, served, browser_page):
+    """Open the book, follow the sidebar to a page, see math and a plot, go next/prev, open a solution, search."""
+    page, requests = browser_page
     target = _page_with_plot_and_math(site)
-    browser.get(served + "/index.html")
-    browser.wait_for("return document.readyState === 'complete' && document.body.dataset.math === 'rendered'")
-    rows = browser.js("return [...document.querySelectorAll('td.title a')].map(a => a.getAttribute('href'))")
-    assert rows == [m["page"] for m in json.loads((site / "book.json").read_text(encoding="utf-8"))]
-    assert browser.js(RAW_MATH_LEFT) == []
-    browser.screenshot(ROOT / "build" / "site-index-screenshot.png")
+    page.goto(served + "/index.html")
+    sidebar = page.locator("nav.bd-docs-nav a.reference")
+    assert [h for h in sidebar.evaluate_all("els => els.map(a => a.getAttribute('href'))") if h.startswith("notebooks/")] \
+        == [f"notebooks/{nb.stem}.html" for nb in NOTEBOOKS]
 
-    browser.click(f'td.title a[href="{target}"]')  # follow the link, as a reader would
-    browser.wait_for(f"return location.pathname.endsWith('/{target}') && document.readyState === 'complete' "
-                     "&& document.body.dataset.math === 'rendered'")
-    browser.wait_for("return document.fonts.status === 'loaded'")
-    facts = browser.js(PAGE_FACTS)
-    assert facts["plots"] >= 1 and facts["plots_drawn"] == facts["plots"], facts
-    assert facts["katex"] >= 1 and facts["katex_display"] >= 1, facts
-    assert facts["katex_errors"] == 0, facts
-    assert facts["katex_font"] and facts["up"], facts
-    assert browser.js(RAW_MATH_LEFT) == []
-    # no request left the machine: every resource the page loaded came from our server or was inline
-    hosts = browser.js("return [...new Set(performance.getEntriesByType('resource').map(e => new URL(e.name).host))]")
-    assert set(hosts) <= {served.split("//")[1]}, hosts
+    # follow the sidebar link, as a reader would; math is typeset by the local MathJax
+    page.locator(f'nav.bd-docs-nav a[href="notebooks/{target.stem}.html"]').click()
+    page.wait_for_url(f"**/notebooks/{target.stem}.html")
+    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise && "
+                           "document.querySelectorAll('mjx-container').length > 0")
+    page.evaluate("() => MathJax.startup.promise")
+    math = page.evaluate(MATH_FACTS)
+    assert math["rendered"] >= 1 and math["display"] >= 1 and math["errors"] == 0, math
+    assert math["left"] == [], math["left"]
+    plots = page.locator(".cell_output img")
+    assert plots.count() >= 1
+    assert plots.evaluate_all("els => els.every(i => i.complete && i.naturalWidth > 0)")
+    page.locator("mjx-container[display=true]").first.scroll_into_view_if_needed()
+    (ROOT / "build").mkdir(exist_ok=True)
+    page.screenshot(path=str(ROOT / "build" / "site-screenshot.png"))
 
-    browser.js("const m = document.querySelector('.katex-display'); m.scrollIntoView({block: 'start'}); window.scrollBy(0, -80);")
-    browser.screenshot(ROOT / "build" / "site-screenshot.png")
-    assert (ROOT / "build" / "site-screenshot.png").stat().st_size > 10_000
+    # previous/next links at the foot of the page
+    i = NOTEBOOKS.index(target)
+    if i + 1 < len(NOTEBOOKS):
+        page.locator("a.right-next").click()
+        page.wait_for_url(f"**/notebooks/{NOTEBOOKS[i + 1].stem}.html")
+        page.locator("a.left-prev").click()
+        page.wait_for_url(f"**/notebooks/{target.stem}.html")
+
+    # a solution: folded at first, shown after one click on its toggle
+    with_solution = next(nb for nb in NOTEBOOKS if _exercise_cells(nb))
+    page.goto(f"{served}/notebooks/{with_solution.stem}.html")
+    toggle = page.locator("details.hide", has_text=ppo_book.SHOW).first
+    code = toggle.locator(".cell_input pre")
+    assert not code.is_visible()
+    toggle.locator("summary").click()
+    code.wait_for(state="visible")
+    assert toggle.evaluate("d => d.open")
+    page.wait_for_timeout(400)  # myst-nb fades the opened content in (0.3 s): screenshot it settled
+    page.screenshot(path=str(ROOT / "build" / "site-solution-screenshot.png"))
+
+    # search, from the search field of the page
+    page.keyboard.press("Control+k")
+    box = page.locator("input[name=q]:visible").first
+    box.fill("advantages")
+    box.press("Enter")
+    page.wait_for_url("**/search.html?q=advantages*")
+    hits = page.locator("#search-results li a")
+    hits.first.wait_for()
+    assert any("05_token_advantages" in h for h in hits.evaluate_all("els => els.map(a => a.href)"))
+
+    # every request went to the local server
+    origin = urlsplit(served).netloc
+    remote = sorted({u for u in requests if urlsplit(u).scheme not in ("data", "blob") and urlsplit(u).netloc != origin})
+    assert remote == [], f"requests left the machine: {remote}"
+    assert any(u.endswith(".woff") for u in requests), "MathJax's fonts were not loaded (locally)"
+
+    # the recorder itself: a remote fetch planted in the page is seen, and blocked before it leaves
+    n = len(requests)
+    got = page.evaluate("() => fetch('https://example.org/planted.js').then(() => 'fetched', () => 'blocked')")
+    assert got == "blocked" and "https://example.org/planted.js" in requests[n:], (got, requests[n:])
