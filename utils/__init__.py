@@ -4,7 +4,7 @@ One module per idea (each docstring names the notebook that derives it):
 checks (input validation, ``cmp``), masking (``masked_mean``), logprobs (token
 log-probs), loss (``policy_loss``, ``PolicyLoss``), models (``load_policy``),
 kl (``kl_estimate``), advantages (``token_rewards``, ``gae``, ``whiten``),
-objectives (the ratio family: GSPO, CISPO, GMPO, ...), rewards (the word-list score), ppo (``ActorConfig``, ``rollout``, ``actor_update``,
+objectives (the ratio family: GSPO, CISPO, GMPO, ...), groups (G responses per prompt, GRPO / Dr. GRPO / RLOO advantages), rewards (the word-list score), ppo (``ActorConfig``, ``rollout``, ``actor_update``,
 ``train``), checkers (exercise checkers), profiling (time and peak memory).
 """
 
@@ -17,6 +17,7 @@ from utils.checks import cmp  # noqa: E402
 from utils.logprobs import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, response_logits, sequence_logprobs
 from utils.loss import AGGREGATIONS, PolicyLoss, aggregate, clipped_surrogate, global_normalizer, policy_loss
 from utils.objectives import OBJECTIVES, ObjectiveLoss, objective_loss, per_token_loss
+from utils.groups import GroupBatch, group_advantages, sample_groups, token_advantages
 from utils.masking import masked_mean, masked_sum, response_mask
 from utils.advantages import gae, returns_to_go, token_rewards, whiten
 from utils.kl import kl_estimate
@@ -28,4 +29,5 @@ __all__ = [
     "masked_sum", "response_mask", "gae", "returns_to_go", "token_rewards", "whiten", "kl_estimate", "DEFAULT_MODEL_DIR", "base_seed",
     "context_length", "get_device", "load_policy", "set_seed", "set_threads",
     "AGGREGATIONS", "global_normalizer", "OBJECTIVES", "ObjectiveLoss", "objective_loss", "per_token_loss",
+    "GroupBatch", "group_advantages", "sample_groups", "token_advantages",
 ]
