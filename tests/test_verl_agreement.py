@@ -1,7 +1,7 @@
 """utils agrees with verl's own code (verl==0.9.1, imported through utils.trainers), values and gradients.
 
 Compared: ``compute_policy_loss_vanilla`` (with a real ``ActorConfig``), ``agg_loss`` (every mode utils also has:
-the list is the intersection, so a mode added to ``utils.loss.AGG_MODES`` is tested here as soon as verl has it),
+the list is the intersection with ``utils.loss.AGGREGATIONS``, so a mode added there is tested as soon as verl has it),
 ``kl_penalty`` (every estimator of ``utils.kl.KL_ESTIMATORS``), ``compute_gae_advantage_return`` and
 ``masked_whiten``. Intentional differences are tested as such: verl clamps the log-ratio to [-20, 20]
 (core_algos.py L1338 at 1dda039b), always dual-clips at ``clip_ratio_c`` = 3, clamps k3 to [-10, 10]
@@ -17,7 +17,7 @@ import torch
 import utils
 from utils import trainers
 from utils.kl import KL_ESTIMATORS
-from utils.loss import AGG_MODES
+from utils.loss import AGGREGATIONS, TRL_LOSS_TYPES
 
 core, vF = trainers.verl_core_algos(), trainers.verl_functional()
 VERL_DUAL_CLIP = 3.0  # ActorConfig.clip_ratio_c default, always applied to A < 0
@@ -31,7 +31,7 @@ def _verl_has_mode(mode: str) -> bool:
     return True
 
 
-SHARED_MODES = [m for m in AGG_MODES if _verl_has_mode(m)]
+SHARED_MODES = [m for m in AGGREGATIONS if _verl_has_mode(m)]
 
 
 def _batch(B, T, seed, spread=0.3, empty_row=False):
@@ -51,8 +51,9 @@ def _grad(loss, x):
 
 
 def test_shared_modes_cover_ours():
-    """Every aggregation utils has today, verl has too (so none is silently left untested)."""
-    assert SHARED_MODES == list(AGG_MODES)
+    """Every aggregation utils has under verl's names, verl has too (TRL's names are tested in test_trl_agreement)."""
+    assert SHARED_MODES == [m for m in AGGREGATIONS if m not in TRL_LOSS_TYPES]
+    assert {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum"} <= set(SHARED_MODES)
 
 
 def test_actor_config_is_verls_default():
@@ -98,7 +99,7 @@ def test_agg_loss_matches(agg, seed):
 
 # verl's global count for each mode, which our ``normalizer`` replaces; modes outside this map are compared above
 GLOBAL_COUNT = {"token-mean": "batch_num_tokens", "seq-mean-token-mean": "global_batch_size",
-                "seq-mean-token-sum": "global_batch_size"}
+                "seq-mean-token-sum": "global_batch_size", "seq-mean-token-sum-norm": "global_batch_size"}
 
 
 @pytest.mark.parametrize("agg", [m for m in SHARED_MODES if m in GLOBAL_COUNT])
