@@ -93,3 +93,13 @@ def test_half_precision_is_upcast():
     logp = torch.tensor([-0.5, -2.0], dtype=torch.bfloat16)
     ref = torch.tensor([-1.0, -1.0], dtype=torch.bfloat16)
     assert kl_estimate(logp, ref, "k3").dtype == torch.float32
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(estimator, dtype):
+    g = torch.Generator().manual_seed(0)
+    lp, ref = (-3 * torch.rand(4, 8, generator=g)).to(dtype), (-3 * torch.rand(4, 8, generator=g)).to(dtype)
+    out = kl_estimate(lp, ref, estimator)
+    assert out.dtype == torch.float32  # exp of a half-precision log-ratio would be coarse
+    torch.testing.assert_close(out, kl_estimate(lp.float(), ref.float(), estimator))

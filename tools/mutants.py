@@ -1,0 +1,274 @@
+"""Plant hand-written bugs (mutants) in the core utils modules and see whether their tests notice.
+
+    .venv/bin/python tools/mutants.py --module loss        # one module's mutants against tests/test_loss.py
+    .venv/bin/python tools/mutants.py                      # all six modules
+    .venv/bin/python tools/mutants.py --list               # what would be planted, nothing run
+
+Each mutant is one or more textual replacements in one ``utils/<module>.py``, each of which must occur
+exactly once in the file as it is now (a mutant whose text is gone, because the module changed, is
+reported as stale and counted nowhere). The replacements are applied to a temporary copy of the repository
+(``utils/``, ``tests/``, ``pyproject.toml``, and a link to ``data/``), and only the mirrored test file,
+``tests/test_<module>.py``, runs against it, with a per-mutant timeout. A mutant is killed when that file
+fails (or times out); it survives when every test passes. The script first runs the test file on the
+unmutated copy and stops if it does not pass. It runs under ``nice``; the machine is shared.
+
+Why not mutmut or cosmic-ray: both install from PyPI (mutmut 3.8.1, cosmic-ray 8.7.0), but mutmut 3.8.1 on
+utils/kl.py alone made 69 mutants, took over an hour on two shared cores, timed 13 out and found "no tests"
+for 30 (its per-test coverage map does not see them); hand-planted mutants are the mistakes
+that matter here (an inverted ratio, a max for a min, a mask not applied), and a few dozen run in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutant:
+    """A planted bug: ``(old, new)`` replacements in ``utils/<module>.py``, and what it breaks, in words."""
+
+    module: str
+    name: str
+    edits: list[tuple[str, str]]
+
+
+def m(module: str, name: str, *edits: tuple[str, str]) -> Mutant:
+    return Mutant(module, name, list(edits))
+
+
+MUTANTS: list[Mutant] = [
+    # ---------------------------------------------------------------- loss
+    m("loss", "inverted ratio", ("ratio = log_ratio.exp()", "ratio = (-log_ratio).exp()")),
+    m("loss", "max for min", ("loss = -torch.min(surr1, surr2)", "loss = -torch.max(surr1, surr2)")),
+    m("loss", "no clip", ("surr2 = ratio.clamp(1.0 - clip_eps, 1.0 + eps_high) * advantages",
+                          "surr2 = ratio * advantages")),
+    m("loss", "clip_eps_high ignored in the loss",
+      ("    eps_high = clip_eps if clip_eps_high is None else clip_eps_high\n    surr1",
+       "    eps_high = clip_eps\n    surr1")),
+    m("loss", "symmetric clip from eps_high", ("ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)",
+                                               "ratio.clamp(1.0 - eps_high, 1.0 + eps_high)")),
+    m("loss", "dual clip on A > 0", ("torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)",
+                                     "torch.where(advantages > 0, torch.min(loss, -dual_clip * advantages), loss)")),
+    m("loss", "dual clip never applied",
+      ("torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)", "loss")),
+    m("loss", "dual_clip <= 1 accepted", ("if dual_clip is not None and not dual_clip > 1.0:\n        raise",
+                                          "if dual_clip is not None and not dual_clip > 0.0:\n        raise")),
+    m("loss", "token-mean ignores normalizer", ("return masked_sum(loss, mask) / normalizer",
+                                                "return masked_mean(loss, mask)")),
+    m("loss", "seq-mean normalizer divides the mean", ("per_seq.sum() / normalizer", "per_seq.mean() / normalizer")),
+    m("loss", "seq-mean-token-sum averages", (
+        'masked_mean(loss, mask, dim=-1) if agg == "seq-mean-token-mean" else masked_sum(loss, mask, dim=-1)',
+        "masked_mean(loss, mask, dim=-1)")),
+    m("loss", "normalizer <= 0 accepted", ("if normalizer is not None and not normalizer > 0:",
+                                           "if normalizer is not None and not normalizer > -1e9:")),
+    m("loss", "non-finite inputs accepted",
+      ("check_finite(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)", "pass")),
+    m("loss", "ratio overflow not caught", ("if not bool(torch.isfinite(ratio).all()):", "if False:")),
+    m("loss", "clip_frac counts ties", ("* adv) < ratio * adv", "* adv) <= ratio * adv")),
+    m("loss", "approx_kl_k1 sign", ('"approx_kl_k1": float(masked_mean(-log_ratio, keep))',
+                                    '"approx_kl_k1": float(masked_mean(log_ratio, keep))')),
+    m("loss", "approx_kl_k3 sign", ("ratio - 1 - log_ratio", "ratio - 1 + log_ratio")),
+    m("loss", "ratio_max is the mean", ('"ratio_max": float(r.max())', '"ratio_max": float(r.mean())')),
+    m("loss", "diagnostics over masked tokens too",
+      ("keep = action_mask if action_mask is not None else", "keep = torch.ones_like(ratio, dtype=torch.bool) if True else")),
+    m("loss", "mask not validated", ("        action_mask = check_mask(action_mask)\n", "        pass\n")),
+    # ---------------------------------------------------------------- masking
+    m("masking", "multiply by the mask (NaN leaks)",
+      ("kept = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))",
+       "kept = tensor * mask")),
+    m("masking", "only an all-empty mask raises", ("if bool((count == 0).any()):", "if bool((count == 0).all()):")),
+    m("masking", "non-0/1 mask accepted", ("if not bool(((mask == 0) | (mask == 1)).all()):",
+                                           "if not bool(((mask == 0) | (mask == 1)).any()):")),
+    m("masking", "masked_sum ignores dim", ("    return kept.sum() if dim is None else kept.sum(dim)",
+                                            "    return kept.sum()")),
+    m("masking", "mask=None ignores dim", ("        return tensor.mean() if dim is None else tensor.mean(dim)",
+                                           "        return tensor.mean()")),
+    m("masking", "masked_mean shape unchecked",
+      ("    check_same_shape(tensor=tensor, mask=mask)\n    mask = _as_bool(mask)\n    count", "    mask = _as_bool(mask)\n    count")),
+    m("masking", "EOS not kept", ("after_eos = (is_eos.cumsum(-1) - is_eos) > 0", "after_eos = is_eos.cumsum(-1) > 0")),
+    m("masking", "attention_mask ignored", ("mask &= attention_mask[:, prompt_len:].bool()", "pass")),
+    m("masking", "prompt_len 0 accepted", ("if not 0 < prompt_len < input_ids.shape[-1]:",
+                                           "if not 0 <= prompt_len < input_ids.shape[-1]:")),
+    # ---------------------------------------------------------------- advantages
+    m("advantages", "score at position -1", ("rewards[rows, last] += score", "rewards[rows, -1] += score")),
+    m("advantages", "KL penalty added", ("torch.where(mask, -kl_coef * kl, zero)", "torch.where(mask, kl_coef * kl, zero)")),
+    m("advantages", "KL penalty on masked tokens", ("torch.where(mask, -kl_coef * kl, zero)", "-kl_coef * kl")),
+    m("advantages", "last kept = count - 1", ("return torch.where(mask, positions, -1).max(-1).values",
+                                              "return mask.long().sum(-1) - 1")),
+    m("advantages", "gamma for gamma*lam", ("adv_t = delta + gamma * lam * next_adv", "adv_t = delta + gamma * next_adv")),
+    m("advantages", "masked steps not skipped (A)", ("next_adv = torch.where(keep, adv_t, next_adv)", "next_adv = adv_t")),
+    m("advantages", "masked steps not skipped (V)", ("next_value = torch.where(keep, values[:, t], next_value)",
+                                                     "next_value = values[:, t]")),
+    m("advantages", "returns not masked", ("returns = torch.where(mask, advantages + values, 0.0)",
+                                           "returns = advantages + values")),
+    m("advantages", "biased variance", ("* n / (n - 1)", "")),
+    m("advantages", "shift_mean inverted", ("if not shift_mean:", "if shift_mean:")),
+    m("advantages", "whiten of one value allowed", ("if n < 2:", "if n < 1:")),
+    m("advantages", "gamma > 1 accepted", ("0.0 <= value <= 1.0", "0.0 <= value")),
+    m("advantages", "returns_to_go uses lam = gamma", ("gae(rewards, torch.zeros_like(rewards), gamma, 1.0, action_mask)",
+                                                       "gae(rewards, torch.zeros_like(rewards), gamma, gamma, action_mask)")),
+    m("advantages", "kl_coef = 0 refused", ("kl_coef >= 0", "kl_coef > 0")),
+    # ---------------------------------------------------------------- kl
+    m("kl", "log-ratio reversed", ("    log_ratio = log_probs - ref_log_probs  #", "    log_ratio = ref_log_probs - log_probs  #")),
+    m("kl", "k2 without the 1/2", ("return 0.5 * log_ratio.pow(2)", "return log_ratio.pow(2)")),
+    m("kl", "k3 of the reversed ratio", ("kl = torch.expm1(-log_ratio) + log_ratio", "kl = torch.expm1(log_ratio) - log_ratio")),
+    m("kl", "k3 with exp - 1 (cancels)", ("kl = torch.expm1(-log_ratio) + log_ratio",
+                                          "kl = torch.exp(-log_ratio) - 1 + log_ratio")),
+    # equivalent: ref_log_probs is still upcast and type promotion upcasts log_probs in the subtraction
+    m("kl", "half precision kept (equivalent)", ("        log_probs = log_probs.float()", "        log_probs = log_probs")),
+    m("kl", "k3 overflow not caught", ("if not bool(torch.isfinite(kl).all()):", "if False:")),
+    m("kl", "non-finite inputs accepted", ("check_finite(log_probs=log_probs, ref_log_probs=ref_log_probs)", "pass")),
+    m("kl", "unknown estimator accepted", ("if estimator not in KL_ESTIMATORS:", "if False:")),
+    # ---------------------------------------------------------------- logprobs
+    m("logprobs", "forward ignores the temperature", ("rows.float() if temperature == 1.0 else rows.float() / temperature",
+                                                      "rows.float()")),
+    m("logprobs", "fp32 backward sign", (".sub_(lse[:, None]).exp_().mul_(-g[:, None])",
+                                         ".sub_(lse[:, None]).exp_().mul_(g[:, None])")),
+    m("logprobs", "bf16 backward garbage", ("(flat[s].float() / T - lse[s, None]).exp_().mul_(-g[s, None])",
+                                            "(flat[s].float() / T - lse[s, None]).exp_().mul_(12345.0)")),
+    m("logprobs", "label gradient doubled", ("grad.scatter_add_(-1, labels[:, None], g[:, None].to(grad.dtype))",
+                                             "grad.scatter_add_(-1, labels[:, None], (2 * g[:, None]).to(grad.dtype))")),
+    m("logprobs", "label == V accepted", ("int(labels.max()) >= V", "int(labels.max()) > V")),
+    m("logprobs", "entropy sign", ("out.append(-(logp.exp() * logp).sum(-1))", "out.append((logp.exp() * logp).sum(-1))")),
+    m("logprobs", "positions from 1", ("(attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
+                                       "attention_mask.long().cumsum(-1).clamp(min=0)")),
+    m("logprobs", "no shift by one", ("return out.logits[:, :-1]", "return out.logits[:, 1:]")),
+    m("logprobs", "non-finite logits accepted", ('raise ValueError("logits hold NaN or inf: the log-probabilities are not finite")',
+                                                 "pass")),
+    # ---------------------------------------------------------------- ppo
+    m("ppo", "KL loss term always acts", ("if cfg.kl_loss_coef > 0:", "if True:"),
+      ("loss = pg_loss + cfg.kl_loss_coef * kl_loss", "loss = pg_loss + kl_loss")),
+    m("ppo", "no gradient clipping", ('max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")',
+                                      'max_norm = float("inf")')),
+    m("ppo", "dropout on in the update", ("policy.train(cfg.dropout_in_update)", "policy.train(True)")),
+    m("ppo", "EMA weights swapped", ("cfg.baseline_decay * baseline + (1.0 - cfg.baseline_decay) * score",
+                                     "(1.0 - cfg.baseline_decay) * baseline + cfg.baseline_decay * score")),
+    m("ppo", "baseline not subtracted", ("torch.where(action_mask, float(baseline), 0.0)", "torch.where(action_mask, 0.0, 0.0)")),
+    m("ppo", "old log-probs at T = 1", (
+        "old_log_probs = sequence_logprobs(policy, input_ids, attention_mask, prompt_len, cfg.temperature)",
+        "old_log_probs = sequence_logprobs(policy, input_ids, attention_mask, prompt_len)")),
+    m("ppo", "gradients accumulate over epochs", ("optimizer.zero_grad(set_to_none=True)", "pass")),
+    m("ppo", "ratio against the reference", ("log_probs, rollout.old_log_probs, rollout.advantages",
+                                             "log_probs, rollout.ref_log_probs, rollout.advantages")),
+    m("ppo", "whitening never applied", ("if cfg.whiten_advantages:", "if False:")),
+    m("ppo", "train not seeded", ("    set_seed(cfg.seed)\n", "    pass\n")),
+]
+MODULES = ("loss", "masking", "advantages", "kl", "logprobs", "ppo")
+
+
+def mutate(text: str, mutant: Mutant) -> str | None:
+    """``text`` with the mutant's replacements, or None when one of them does not occur exactly once."""
+    for old, new in mutant.edits:
+        if text.count(old) != 1:
+            return None
+        text = text.replace(old, new)
+    return text
+
+
+def scratch_copy() -> Path:
+    """A temporary copy of what the tests need: utils/, tests/, pyproject.toml, and data/ as a link."""
+    tmp = Path(tempfile.mkdtemp(prefix="mutants-"))
+    for name in ("utils", "tests"):
+        shutil.copytree(ROOT / name, tmp / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "pyproject.toml", tmp / "pyproject.toml")
+    (tmp / "data").symlink_to(ROOT / "data")
+    return tmp
+
+
+def run_tests(copy: Path, test_file: str, timeout: float) -> tuple[str, float]:
+    """Run one test file in the copy (``python -m pytest`` puts the copy first on sys.path): passed/failed/timeout."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", test_file]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start
+    return ("passed" if proc.returncode == 0 else "failed"), time.perf_counter() - start
+
+
+def imports_the_copy(copy: Path) -> bool:
+    """The mutated copy, not the installed (editable) utils, is what the tests import."""
+    out = subprocess.run([sys.executable, "-c", "import utils; print(utils.__file__)"], cwd=copy,
+                         capture_output=True, text=True)
+    return Path(out.stdout.strip()).resolve().is_relative_to(copy.resolve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--module", action="append", choices=MODULES, help="only these modules (repeatable)")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
+    ap.add_argument("--list", action="store_true", help="list the mutants and whether they apply; run nothing")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    modules = args.module or list(MODULES)
+    chosen = [mu for mu in MUTANTS if mu.module in modules]
+    if args.list:
+        for mu in chosen:
+            ok = mutate((ROOT / "utils" / f"{mu.module}.py").read_text(), mu) is not None
+            print(f"{mu.module:11s} {'applies' if ok else 'STALE  '}  {mu.name}")
+        return 0
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    copy = scratch_copy()
+    results: dict[str, list[dict]] = {}
+    try:
+        if not imports_the_copy(copy):
+            print("the tests would import the installed utils, not the copy: cannot mutate", file=sys.stderr)
+            return 2
+        for module in modules:
+            path = copy / "utils" / f"{module}.py"
+            test_file = f"tests/test_{module}.py"
+            original = path.read_text()
+            status, secs = run_tests(copy, test_file, args.timeout * 2)
+            print(f"== {module}: {test_file} on the unmutated copy {status} in {secs:.0f} s", flush=True)
+            if status != "passed":
+                print(f"   {test_file} must pass before mutants mean anything; skipping {module}", flush=True)
+                continue
+            rows = results.setdefault(module, [])
+            for mu in (x for x in chosen if x.module == module):
+                text = mutate(original, mu)
+                if text is None:
+                    rows.append({"mutant": mu.name, "result": "stale"})
+                    print(f"   stale     {mu.name} (its text is no longer in utils/{module}.py)", flush=True)
+                    continue
+                path.write_text(text)
+                try:
+                    status, secs = run_tests(copy, test_file, args.timeout)
+                finally:
+                    path.write_text(original)
+                result = {"passed": "SURVIVED", "failed": "killed", "timeout": "killed (timeout)"}[status]
+                rows.append({"mutant": mu.name, "result": result, "seconds": round(secs, 1)})
+                print(f"   {result:9s} {mu.name} ({secs:.0f} s)", flush=True)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    total_k = total_n = 0
+    print("\nmodule       killed / run   survivors")
+    for module, rows in results.items():
+        run_rows = [r for r in rows if r["result"] != "stale"]
+        killed = sum(r["result"].startswith("killed") for r in run_rows)
+        total_k, total_n = total_k + killed, total_n + len(run_rows)
+        survivors = ", ".join(r["mutant"] for r in run_rows if r["result"] == "SURVIVED") or "-"
+        print(f"{module:12s} {killed:3d} / {len(run_rows):3d}      {survivors}")
+    if total_n:
+        print(f"{'all':12s} {total_k:3d} / {total_n:3d}      kill rate {100 * total_k / total_n:.0f} %")
+    if args.out:
+        args.out.write_text(json.dumps({"results": results, "killed": total_k, "run": total_n}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
