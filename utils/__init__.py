@@ -32,3 +32,6 @@ __all__ = [
     "AGGREGATIONS", "global_normalizer", "OBJECTIVES", "ObjectiveLoss", "objective_loss", "per_token_loss",
     "GroupBatch", "group_advantages", "sample_groups", "token_advantages", "diagnose", "Finding",
 ]
+
+# Submodules reachable as attributes after a plain `import utils` (the notebooks' one calling style).
+from utils import advantages, kl, kl_gradient, ppo, results, rewards, rollout_correction  # noqa: E402,F401
