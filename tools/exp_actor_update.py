@@ -50,11 +50,14 @@ ARMS = {  # arm -> (ActorConfig overrides, control reward?)
     "eps_0.5": ({"clip_eps": 0.5}, False),
     "eps_none": ({"clip_eps": None}, False),
 }
-# Reproduction tolerance for tests/test_results.py. On the machine that wrote the file a rerun is exact;
-# on another CPU float sums round differently, the sampled tokens part ways after a few updates, and a
-# seed's numbers move by about their spread over seeds (measured: see the notes). These are that spread.
-TOLERANCE = {"score": 0.6, "kl": 8.0, "kl_per_token": 0.4, "length": 4.0, "entropy": 0.6, "distinct": 0.1,
-             "step_kl": 0.05, "clip_frac": 0.1, "max_log_ratio": 1.5}
+# tests/test_results.py re-runs these arms of the first seed (the PPO default, a control, the no-clip extreme).
+REPRO_ARMS = ("reward", "lagged", "eps_none")
+# Reproduction tolerance for tests/test_results.py, per metric: one standard deviation over seeds (the median over
+# the arms of the committed file; length: one token). On the machine that wrote the file a rerun is exact (one
+# thread, seeded); on another CPU float sums round differently and the sampled tokens part ways after a few
+# updates, so a seed's numbers may move by about that much. Claims are made on means over seeds, not on one row.
+TOLERANCE = {"score": 0.4, "kl": 9.0, "kl_per_token": 0.4, "length": 1.0, "entropy": 0.5, "distinct": 0.06,
+             "step_kl": 0.003, "clip_frac": 0.005, "max_log_ratio": 0.35}
 
 
 def distinct_words(texts: list[str]) -> float:
