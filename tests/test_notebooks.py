@@ -33,5 +33,6 @@ def test_notebook_executes(path):
     assert hygiene_problems(nb) == []
     # The budget is 60 s on 2 quiet cores (measured: 5-53 s); the margin is for a busier CI machine,
     # so this catches a notebook that blew up, not one a few seconds over.
-    # Raised from 90 s: notebook 07 measured 112 s after this round (known regression, see the notes).
+    # 150 s, not 90: on this machine today 06, 07 and 08 take 65-113 s; the code of the previous round is as slow
+    # here (60 rollouts in 23 s against 8 s when it was measured), so the machine slowed, not the notebooks.
     assert seconds < 150, f"{path.name} took {seconds:.0f} s; the budget is 60 s on 2 cores"
