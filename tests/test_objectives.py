@@ -511,3 +511,21 @@ def test_gspo_two_forms_agree_for_row_advantages():
         g1, = torch.autograd.grad(O.objective_loss("gspo", lp, old, adv, mask, clip_eps=0.05, clip_eps_high=0.08)[0], lp)
         g2, = torch.autograd.grad(through_mean(lp, old, adv, mask), lp)
         assert torch.allclose(g1, g2, atol=1e-12) == equal
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trl_grpo_loss_settings(seed):
+    """utils.trainers.trl_grpo_loss passes delta, num_items_in_batch, max_completion_length and the sequence level on."""
+    lp, old, adv, mask = _f32_batch(seed, spread=0.4)
+    rows = adv[:, 0]
+    run = trainers.trl_grpo_loss
+    _both(O.objective_loss("delta", lp, old, adv, mask, clip_eps=0.2, delta=1.3, agg="grpo")[0],
+          run(lp, old, rows, mask, "grpo", delta=1.3)[0], lp)
+    _both(O.objective_loss("ppo", lp, old, adv, mask, agg="dapo", normalizer=77.0)[0],
+          run(lp, old, rows, mask, "dapo", num_items_in_batch=77)[0], lp)
+    _both(O.objective_loss("ppo", lp, old, adv, mask, agg="dr_grpo", horizon=20)[0],
+          run(lp, old, rows, mask, "dr_grpo", max_completion_length=20)[0], lp)
+    _both(O.objective_loss("ppo", lp, old, adv, mask, agg="dr_grpo")[0],  # default horizon: the padded width T
+          run(lp, old, rows, mask, "dr_grpo")[0], lp)
+    _both(O.objective_loss("gspo", lp, old, adv, mask, clip_eps=0.05, clip_eps_high=0.08, agg="grpo")[0],
+          run(lp, old, rows, mask, "grpo", epsilon=0.05, epsilon_high=0.08, importance_sampling_level="sequence")[0], lp)

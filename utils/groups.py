@@ -13,11 +13,12 @@ baseline; verl then returns the raw score as the advantage, TRL returns 0). A gr
 carries no signal: its advantages are exactly 0 for every method (TRL gets 0 by dividing 0 by std + 1e-4,
 verl by std + 1e-6; here no division by ~0 happens at all).
 
-Sources: verl/trainer/ppo/core_algos.py ``compute_grpo_outcome_advantage`` (norm_adv_by_std_in_grpo) and
-``compute_rloo_outcome_advantage`` at 1dda039b; trl/trainer/grpo_trainer.py ``_generate_and_score_completions``
-(scale_rewards) at f2cd5771; openrlhf/trainer/ppo_utils/experience_maker.py (group_norm, dr_grpo, rloo) at 3c3be623.
+Sources: verl/trainer/ppo/core_algos.py ``compute_grpo_outcome_advantage`` L268 (std L321, G = 1 L315-317,
+the division L325-328) and ``compute_rloo_outcome_advantage`` L588 (L631) at 1dda039b; trl/trainer/grpo_trainer.py
+``_generate_and_score_completions`` L2685-2707 (scale_rewards, + 1e-4) at f2cd5771;
+openrlhf/trainer/ppo_utils/experience_maker.py L264-270 (rloo, dr_grpo, group_norm) at 3c3be623.
 
-Derived in notebooks/11_group_advantages.ipynb.
+Derived in notebooks/11_groups_and_aggregation.ipynb.
 """
 
 from __future__ import annotations

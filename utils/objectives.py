@@ -58,39 +58,40 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     "ppo": Objective(
         "ppo", "-min(r A, clip(r, 1-eps, 1+eps) A)",
-        "verl/trainer/ppo/core_algos.py compute_policy_loss_vanilla @1dda039b; openrlhf/models/loss.py PolicyLoss "
-        "(policy_loss_type='ppo') @3c3be623; trl/trainer/grpo_trainer.py _compute_loss (loss_type='grpo') @f2cd5771",
+        "verl/trainer/ppo/core_algos.py L1333-1353 (compute_policy_loss_vanilla, without the dual clip) @1dda039b; "
+        "openrlhf/models/loss.py L166-186 (PolicyLoss, policy_loss_type='ppo') @3c3be623; "
+        "trl/trainer/grpo_trainer.py L3084-3091 (_compute_loss) @f2cd5771",
         "token", "token-mean", 0.2, 0.2),
     "clip_higher": Objective(
         "clip_higher", "-min(r A, clip(r, 1-eps_low, 1+eps_high) A), eps_high > eps_low",
-        "verl core_algos.py compute_policy_loss_vanilla clip_ratio_high @1dda039b; trl grpo_trainer.py "
-        "epsilon_high (grpo_config.py: DAPO recommends 0.28) @f2cd5771; openrlhf loss.py clip_eps_high @3c3be623",
+        "verl core_algos.py L1322 (clip_ratio_high) and L1347-1349 @1dda039b; trl grpo_trainer.py L3084 "
+        "(epsilon_high; grpo_config.py: DAPO recommends 0.28) @f2cd5771; openrlhf loss.py L182 (clip_eps_high) @3c3be623",
         "token", "token-mean", 0.2, 0.28),
     "delta": Objective(
         "delta", "-min(min(r, delta) A, clip(r, 1-eps, 1+eps) A)",
-        "trl/trainer/grpo_trainer.py _compute_loss, args.delta (INTELLECT-2 two-sided clip) @f2cd5771; "
-        "default 3.0 = verl's dual-clip clip_ratio_c, which it equals",
+        "trl/trainer/grpo_trainer.py L3086-3087 (_compute_loss, args.delta: INTELLECT-2's two-sided clip) @f2cd5771; "
+        "equal to verl's dual clip, core_algos.py L1355-1361 (clip_ratio_c, default 3.0) @1dda039b",
         "token", "seq-mean-token-mean", 0.2, 0.2, 3.0),
     "gspo": Objective(
         "gspo", "-min(s A, clip(s, 1-eps_low, 1+eps_high) A), s = exp(mean_t log r_t), d/dlog pi_t = s",
-        "verl/trainer/ppo/core_algos.py compute_policy_loss_gspo @1dda039b; openrlhf loss.py "
-        "policy_loss_type='gspo' @3c3be623; trl grpo_trainer.py importance_sampling_level='sequence' @f2cd5771; "
-        "eps 3e-4 / 4e-4 from verl docs/ascend_tutorial/.../gspo_optimization_practice.md (the paper's values)",
+        "verl/trainer/ppo/core_algos.py L1584-1597 (compute_policy_loss_gspo) @1dda039b; openrlhf loss.py L170-177 "
+        "(policy_loss_type='gspo') @3c3be623; trl grpo_trainer.py L3057-3059 (importance_sampling_level='sequence') "
+        "@f2cd5771; eps 3e-4 / 4e-4 from verl docs/ascend_tutorial/.../gspo_optimization_practice.md (the paper's values)",
         "sequence", "seq-mean-token-mean", 3e-4, 4e-4),
     "cispo": Objective(
         "cispo", "-sg(clip(r, 1-eps_low, 1+eps_high)) A log pi",
-        "verl/trainer/ppo/core_algos.py compute_policy_loss_cispo (eps from examples/cispo_trainer/README.md: "
-        "low 10 = unbounded, high 0.2) @1dda039b; trl grpo_trainer.py loss_type='cispo' clamps r at "
-        "max=epsilon_high (an absolute bound: TRL's 5.0 is clip_eps_high=4.0 here) @f2cd5771",
+        "verl/trainer/ppo/core_algos.py L2078-2083 (compute_policy_loss_cispo; eps from examples/cispo_trainer/"
+        "README.md: low 10 = unbounded, high 0.2) @1dda039b; trl grpo_trainer.py L3080-3082 (loss_type='cispo' clamps "
+        "r at max=epsilon_high, an absolute bound: TRL's 5.0 is clip_eps_high=4.0 here) @f2cd5771",
         "token", "token-mean", None, 0.2),
     "gmpo": Objective(
         "gmpo", "-A_seq exp(mean_t sgn(A) min(sgn(A) log r_t, sgn(A) clip(log r_t, -eps_low, eps_high)))",
-        "verl/trainer/ppo/core_algos.py compute_policy_loss_geo_mean (eps 0.4 / 0.4 in log space from "
+        "verl/trainer/ppo/core_algos.py L1976-1987 (compute_policy_loss_geo_mean; eps 0.4 / 0.4 in log space from "
         "examples/gmpo_trainer/README.md) @1dda039b",
         "sequence", "seq-mean-token-mean", 0.4, 0.4),
     "reinforce": Objective(
         "reinforce", "-A log pi",
-        "verl/trainer/ppo/core_algos.py compute_policy_loss_reinforce @1dda039b",
+        "verl/trainer/ppo/core_algos.py L2391 (compute_policy_loss_reinforce, without rollout weights) @1dda039b",
         "none", "token-mean", None, None),
 }
 

@@ -200,17 +200,24 @@ class _GRPOLossHarness:
 def trl_grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                   action_mask: torch.Tensor, loss_type: str = "dapo", ref_log_probs: torch.Tensor | None = None,
                   epsilon: float = 0.2, epsilon_high: float | None = None,
-                  beta: float = 0.0) -> tuple[torch.Tensor, dict[str, list[float]]]:
+                  beta: float = 0.0, *, delta: float | None = None, num_items_in_batch: float | None = None,
+                  max_completion_length: int | None = None,
+                  importance_sampling_level: str = "token") -> tuple[torch.Tensor, dict[str, list[float]]]:
     """Run TRL's own ``GRPOTrainer._compute_loss`` on [B, T] tensors; returns (loss, TRL's logged metrics).
 
-    Advantages may be [B] (GRPO's per-sequence ones) or [B, T]; ``num_items_in_batch`` is the mask's token count.
+    Advantages may be [B] (GRPO's per-sequence ones) or [B, T]. ``num_items_in_batch`` (dapo / cispo's divisor,
+    the global token count) defaults to the mask's token count; ``max_completion_length`` is dr_grpo's divisor
+    (default: T); ``delta`` is ``GRPOConfig.delta``; ``importance_sampling_level="sequence"`` is GSPO.
     """
     B, T = log_probs.shape
     harness = _GRPOLossHarness(log_probs, loss_type, epsilon, epsilon_high, beta)
+    harness.args.delta, harness.importance_sampling_level = delta, importance_sampling_level
+    harness.max_completion_length = T if max_completion_length is None else max_completion_length
+    count = action_mask.sum().float() if num_items_in_batch is None else torch.tensor(float(num_items_in_batch))
     inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
               "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": action_mask,
               "advantages": advantages, "old_per_token_logps": old_log_probs,
-              "num_items_in_batch": action_mask.sum().float()}
+              "num_items_in_batch": count}
     if ref_log_probs is not None:
         inputs["ref_per_token_logps"] = ref_log_probs
     loss = trl_grpo()._compute_loss(harness, None, inputs)
