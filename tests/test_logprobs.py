@@ -92,6 +92,29 @@ def test_logprobs_gradient_matches_naive(shape, temperature):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,temperature", [((5, 9, 33), 1.0), ((1001, 5000), 0.7)])
+def test_half_precision_gradient_matches_float32_autograd(dtype, shape, temperature):
+    # the bf16/fp16 branch of the hand-written backward (softmax in fp32 chunk by chunk, stored in the logits'
+    # dtype) against autograd through log_softmax of the same logits upcast to float32; (1001, 5000) is several
+    # chunks with a ragged last one. The tolerance is the half-precision rounding of the stored gradient.
+    g = torch.Generator().manual_seed(3)
+    base = (3 * torch.randn(*shape, generator=g)).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    upstream = torch.randn(shape[:-1], generator=g)
+    logits = base.clone().requires_grad_(True)
+    out = logprobs_from_logits(logits, labels, temperature)
+    assert out.dtype == torch.float32
+    (out * upstream).sum().backward()
+    ref = base.float().requires_grad_(True)
+    (naive_logprobs(ref, labels, temperature) * upstream).sum().backward()
+    assert logits.grad.dtype == dtype
+    step = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # relative rounding of one stored value
+    scale = float(ref.grad.abs().max())
+    torch.testing.assert_close(logits.grad.float(), ref.grad, atol=4 * step * scale, rtol=4 * step)
+    assert float((logits.grad.float() - ref.grad).abs().max()) > 0  # it really ran in half precision
+
+
 def test_logprobs_does_not_modify_logits():
     logits = torch.randn(5, 7)
     before = logits.clone()

@@ -31,40 +31,43 @@ def _check_temperature(temperature: float) -> float:
 
 
 class _SelectedLogProbs(torch.autograd.Function):
-    """log softmax(x / T)[y] by chunks of rows, with a hand-written backward.
+    """log softmax(x / tau)[y] by chunks of rows (tau: the temperature), with a hand-written backward.
 
     Letting autograd differentiate a loop over ``flat[i:i+k]`` slices would give one
     backward node per chunk, each allocating a zero-filled [N, V] gradient
-    (notebook 08 measures it). Here backward writes ``(onehot - softmax) / T`` chunk
-    by chunk into the single [N, V] gradient buffer that any method must return.
+    (notebook 08 measures it). Here backward writes ``grad_out * (onehot - softmax) / tau`` into the
+    single [N, V] gradient buffer that any method must return: for fp32 logits in one in-place
+    pass over that buffer (no temporaries), for bf16/fp16 logits chunk by chunk (softmax in fp32,
+    stored in the logits' dtype).
     """
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor, labels: torch.Tensor, temperature: float, step: int) -> torch.Tensor:
+    def forward(ctx, flat: torch.Tensor, labels: torch.Tensor, tau: float, step: int) -> torch.Tensor:
         # flat: [N, V] logits, labels: [N]. One fused log_softmax per chunk (faster than logsumexp on CPU);
         # the maths runs in fp32 even for bf16 logits (a bf16 log-softmax is off by ~0.04 nats, notebook 08).
         out = []
         for rows, y in zip(flat.split(step), labels.split(step)):
-            rows = rows.float() if temperature == 1.0 else rows.float() / temperature
+            rows = rows.float() if tau == 1.0 else rows.float() / tau
             out.append(torch.log_softmax(rows, dim=-1).gather(-1, y[:, None]).squeeze(-1))
         logp = torch.cat(out)  # [N]
-        lse = flat.gather(-1, labels[:, None]).squeeze(-1).float() / temperature - logp  # logsumexp(x/T), per row
+        lse = flat.gather(-1, labels[:, None]).squeeze(-1).float() / tau - logp  # logsumexp(x/tau), per row
         ctx.save_for_backward(flat, labels, lse)
-        ctx.temperature, ctx.step = temperature, step
+        ctx.tau, ctx.step = tau, step
         return logp
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         flat, labels, lse = ctx.saved_tensors
-        T, g = ctx.temperature, grad_out.float() / ctx.temperature  # d/dx of x/T brings a 1/T
+        tau = ctx.tau
+        g = grad_out.float() / tau  # [N]: d/dx of x/tau brings a 1/tau, so g already holds it
         grad = torch.empty_like(flat)  # [N, V]: the one full-size tensor any method must return
-        if flat.dtype == torch.float32:  # -g * softmax(x/T), written in place: no temporaries, no chunks needed
-            torch.div(flat, T, out=grad).sub_(lse[:, None]).exp_().mul_(-g[:, None])
+        if flat.dtype == torch.float32:  # -g * softmax(x/tau), written in place: no temporaries, no chunks needed
+            torch.div(flat, tau, out=grad).sub_(lse[:, None]).exp_().mul_(-g[:, None])
         else:  # bf16/fp16: softmax in fp32 one chunk at a time, stored in the logits' dtype
             for i in range(0, flat.shape[0], ctx.step):
                 s = slice(i, i + ctx.step)
-                grad[s] = (flat[s].float() / T - lse[s, None]).exp_().mul_(-g[s, None])
-        grad.scatter_add_(-1, labels[:, None], g[:, None].to(grad.dtype))  # + g/T at each label
+                grad[s] = (flat[s].float() / tau - lse[s, None]).exp_().mul_(-g[s, None])
+        grad.scatter_add_(-1, labels[:, None], g[:, None].to(grad.dtype))  # + g at each label (the onehot term)
         return grad, None, None, None
 
 
@@ -72,9 +75,10 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     """log softmax(logits / temperature)[label], without a full log-softmax copy.
 
     logits: [..., V]; labels: [...] (same leading shape) -> [...] float32.
-    Computes ``logit[label]/T - logsumexp(logits/T)`` over chunks of rows, so the only
-    [rows, V] temporaries are one chunk's (the idea of TRL's ``selective_log_softmax``),
-    forward and backward. Exact, differentiable (once).
+    Computes ``logit[label]/tau - logsumexp(logits/tau)`` (tau = ``temperature``) over chunks of
+    rows, so the forward's only [rows, V] temporaries are one chunk's (the idea of TRL's
+    ``selective_log_softmax``); the backward writes the [N, V] gradient in place (fp32) or by
+    chunks (bf16/fp16). Exact, differentiable (once).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"shape mismatch: logits{list(logits.shape)} needs labels{list(logits.shape[:-1])}, got labels{list(labels.shape)}")
@@ -83,11 +87,11 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     V = logits.shape[-1]
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= V):
         raise ValueError(f"labels must lie in [0, {V}) (the vocabulary), got range [{int(labels.min())}, {int(labels.max())}]")
-    T = _check_temperature(temperature)
+    tau = _check_temperature(temperature)
     if labels.numel() == 0:
         return logits.new_zeros(labels.shape, dtype=torch.float32)
     flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1).long()  # [N, V], [N]
-    result = _SelectedLogProbs.apply(flat, flat_labels, T, _row_chunks(flat.shape[0], V)).reshape(labels.shape)
+    result = _SelectedLogProbs.apply(flat, flat_labels, tau, _row_chunks(flat.shape[0], V)).reshape(labels.shape)
     if not bool(torch.isfinite(result).all()):
         raise ValueError("logits hold NaN or inf: the log-probabilities are not finite")
     return result
@@ -95,13 +99,13 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy (nats) of softmax(logits / temperature) at every position: [..., V] -> [...]."""
-    T = _check_temperature(temperature)
+    tau = _check_temperature(temperature)
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     step = _row_chunks(flat.shape[0], V)
     out = []
     for i in range(0, flat.shape[0], step):
-        rows = flat[i : i + step] / T
+        rows = flat[i : i + step] / tau
         logp = rows - torch.logsumexp(rows, -1, keepdim=True)
         out.append(-(logp.exp() * logp).sum(-1))  # H = -sum p log p
     result = torch.cat(out).reshape(logits.shape[:-1]) if out else flat.new_zeros(logits.shape[:-1])
