@@ -485,6 +485,23 @@ def test_bad_dual_clip(dual):
         policy_loss(new, old, adv, mask, dual_clip=dual)
 
 
+def test_policy_loss_module_shares_the_functions_checks():
+    # one validator for the clip settings: the module accepts and refuses exactly what policy_loss does
+    new, old, adv, mask = _ok_batch()
+    loss, info = policy_loss(new, old, adv, mask, clip_eps=None)
+    module = PolicyLoss(clip_eps=None)
+    assert torch.equal(module(new, old, adv, mask), loss) and module.last_info == info
+    for kwargs in ({"clip_eps": None, "dual_clip": 3.0}, {"clip_eps": None, "clip_eps_high": 0.3}):
+        with pytest.raises(ValueError, match="no clip"):
+            PolicyLoss(**kwargs)
+        with pytest.raises(ValueError, match="no clip"):
+            policy_loss(new, old, adv, mask, **kwargs)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        PolicyLoss(dual_clip=1.0)
+    with pytest.raises(ValueError, match=r"clip_eps_high must lie in \(0, 1\)"):
+        PolicyLoss(clip_eps_high=1.0)
+
+
 def test_bad_agg():
     new, old, adv, mask = _ok_batch()
     with pytest.raises(ValueError, match="agg must be one of"):

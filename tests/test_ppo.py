@@ -8,8 +8,8 @@ import torch
 from utils import load_policy, sequence_logprobs
 from utils.masking import masked_sum
 from utils.ppo import (
-    ActorConfig, Rollout, actor_update, evaluate, make_optimizer, reference_model, rollout, sample_responses,
-    train, update_end,
+    ActorConfig, Rollout, actor_update, epoch_mean, evaluate, make_optimizer, reference_model, rollout,
+    sample_responses, train, update_end,
 )
 from utils.kl import kl_from_logits
 from utils.logprobs import response_logits
@@ -179,6 +179,10 @@ def test_runs_unchanged_on_a_random_model_from_a_folder(tmp_path, bundled):
     ({"clip_eps": 1.5}, "clip_eps"), ({"kl_estimator": "k5"}, "kl_estimator"), ({"lam": 1.2}, "lam"),
     ({"agg": "mean"}, "agg"), ({"ppo_epochs": 0}, "ppo_epochs"), ({"baseline": "critic"}, "baseline"),
     ({"temperature": 0.0}, "temperature"), ({"dual_clip": 0.5}, "dual_clip"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
+    ({"kl_coef": -0.1}, "kl_coef"), ({"kl_loss_coef": float("nan")}, "kl_loss_coef"),
+    ({"kl_loss_estimator": "k4"}, "kl_loss_estimator"), ({"baseline_decay": 1.5}, "baseline_decay"),
+    ({"gamma": -0.1}, "gamma"), ({"clip_eps_high": 1.0}, "clip_eps_high"), ({"clip_eps": None, "clip_eps_high": 0.3}, "no clip"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"lr": 0.0}, "lr"), ({"temperature": float("inf")}, "temperature"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -281,6 +285,12 @@ def test_train_reports_the_mean_over_epochs_and_where_the_update_ended(bundled):
     for key, value in end.items():
         assert hist[0][key] == pytest.approx(value), key
     assert end["end_kl_old"] > 0 and end["end_max_abs_log_ratio"] > 0
+
+
+def test_epoch_mean_is_the_mean_of_every_key_but_epoch():
+    epochs = [{"epoch": 0, "loss": 1.0, "clip_frac": 0.0}, {"epoch": 1, "loss": 2.0, "clip_frac": 0.5},
+              {"epoch": 2, "loss": 6.0, "clip_frac": 0.25}]
+    assert epoch_mean(epochs) == {"loss": 3.0, "clip_frac": 0.25}
 
 
 def test_lagged_reward_pairs_each_text_with_the_previous_score():

@@ -83,6 +83,15 @@ MUTANTS: list[Mutant] = [
     m("loss", "diagnostics over masked tokens too",
       ("keep = action_mask if action_mask is not None else", "keep = torch.ones_like(ratio, dtype=torch.bool) if True else")),
     m("loss", "mask not validated", ("        action_mask = check_mask(action_mask)\n", "        pass\n")),
+    m("loss", "mask not applied in the loss", ("loss = aggregate(per_token, action_mask, agg, normalizer)",
+                                               "loss = aggregate(per_token, None, agg, normalizer)")),
+    m("loss", "no stop-gradient on old_log_probs", ("log_ratio = log_probs - old_log_probs.detach()",
+                                                    "log_ratio = log_probs - old_log_probs")),
+    m("loss", "no stop-gradient on advantages", ("    adv = advantages.detach()\n", "    adv = advantages\n")),
+    m("loss", "seq-mean over the batch axis", (
+        'masked_mean(loss, mask, dim=-1) if agg == "seq-mean-token-mean"', 'masked_mean(loss, mask, dim=0) if agg == "seq-mean-token-mean"')),
+    m("loss", "PolicyLoss drops clip_eps_high", ("clip_eps_high=self.clip_eps_high, dual_clip=self.dual_clip",
+                                                 "clip_eps_high=None, dual_clip=self.dual_clip")),
     # ---------------------------------------------------------------- masking
     m("masking", "multiply by the mask (NaN leaks)",
       ("kept = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))",
@@ -100,6 +109,10 @@ MUTANTS: list[Mutant] = [
     m("masking", "attention_mask ignored", ("mask &= attention_mask[:, prompt_len:].bool()", "pass")),
     m("masking", "prompt_len 0 accepted", ("if not 0 < prompt_len < input_ids.shape[-1]:",
                                            "if not 0 <= prompt_len < input_ids.shape[-1]:")),
+    m("masking", "masked_mean counts over all dims", ("count = mask.sum() if dim is None else mask.sum(dim)",
+                                                      "count = mask.sum()")),
+    m("masking", "response starts one token early", ("resp = input_ids[:, prompt_len:]  # [B, R]",
+                                                     "resp = input_ids[:, prompt_len - 1 : -1]  # [B, R]")),
     # ---------------------------------------------------------------- advantages
     m("advantages", "score at position -1", ("rewards[rows, last] += score", "rewards[rows, -1] += score")),
     m("advantages", "KL penalty added", ("torch.where(mask, -kl_coef * kl, zero)", "torch.where(mask, kl_coef * kl, zero)")),
@@ -118,7 +131,14 @@ MUTANTS: list[Mutant] = [
     m("advantages", "gamma > 1 accepted", ("0.0 <= value <= 1.0", "0.0 <= value")),
     m("advantages", "returns_to_go uses lam = gamma", ("gae(rewards, torch.zeros_like(rewards), gamma, 1.0, action_mask)",
                                                        "gae(rewards, torch.zeros_like(rewards), gamma, gamma, action_mask)")),
-    m("advantages", "kl_coef = 0 refused", ("kl_coef >= 0", "kl_coef > 0")),
+    m("advantages", "kl_coef = 0 refused", ("math.isfinite(value) and value >= 0)", "math.isfinite(value) and value > 0)")),
+    m("advantages", "GAE bootstrap without gamma", ("delta = rewards[:, t] + gamma * next_value - values[:, t]",
+                                                    "delta = rewards[:, t] + next_value - values[:, t]")),
+    m("advantages", "GAE bootstraps from the last position's value", (
+        "next_value = rewards.new_zeros(B)  # V after", "next_value = values[:, -1].clone()  # V after")),
+    m("advantages", "whitening without the mean", ("out = (x - mean) * torch.rsqrt(var + eps)",
+                                                   "out = x * torch.rsqrt(var + eps)")),
+    m("advantages", "no stop-gradient on values", ("    values = values.detach()\n", "    pass\n")),
     # ---------------------------------------------------------------- kl
     m("kl", "log-ratio reversed", ("    log_ratio = log_probs - ref_log_probs  #", "    log_ratio = ref_log_probs - log_probs  #")),
     m("kl", "k2 without the 1/2", ("return 0.5 * log_ratio.pow(2)", "return log_ratio.pow(2)")),
@@ -130,6 +150,11 @@ MUTANTS: list[Mutant] = [
     m("kl", "k3 overflow not caught", ("if not bool(torch.isfinite(kl).all()):", "if False:")),
     m("kl", "non-finite inputs accepted", ("check_finite(log_probs=log_probs, ref_log_probs=ref_log_probs)", "pass")),
     m("kl", "unknown estimator accepted", ("if estimator not in KL_ESTIMATORS:", "if False:")),
+    m("kl", "exact KL reversed", ("(logp.exp() * (logp - logq))", "(logq.exp() * (logq - logp))")),
+    m("kl", "exact KL ignores the temperature", ("logp = (logits.float() / temperature).log_softmax(-1)",
+                                                 "logp = logits.float().log_softmax(-1)")),
+    m("kl", "shapes not checked (broadcast)", ("    check_same_shape(log_probs=log_probs, ref_log_probs=ref_log_probs)\n",
+                                               "    pass\n")),
     # ---------------------------------------------------------------- logprobs
     m("logprobs", "forward ignores the temperature", ("rows.float() if tau == 1.0 else rows.float() / tau",
                                                       "rows.float()")),
@@ -146,6 +171,13 @@ MUTANTS: list[Mutant] = [
     m("logprobs", "no shift by one", ("return out.logits[:, :-1]", "return out.logits[:, 1:]")),
     m("logprobs", "non-finite logits accepted", ('raise ValueError("logits hold NaN or inf: the log-probabilities are not finite")',
                                                  "pass")),
+    m("logprobs", "backward misses the 1/temperature", ("g = grad_out.float() / tau  #", "g = grad_out.float()  #")),
+    m("logprobs", "backward softmax at temperature 1", ("torch.div(flat, tau, out=grad)", "torch.div(flat, 1.0, out=grad)")),
+    m("logprobs", "entropy ignores the temperature", ("rows = flat[i : i + step] / tau", "rows = flat[i : i + step]")),
+    m("logprobs", "labels shifted by one", ("logprobs_from_logits(logits, input_ids[:, prompt_len:], temperature)",
+                                            "logprobs_from_logits(logits, input_ids[:, prompt_len - 1 : -1], temperature)")),
+    m("logprobs", "positions ignore the padding", ("position_ids=position_ids_from_mask(attention_mask),",
+                                                   "position_ids=None,")),
     # ---------------------------------------------------------------- ppo
     m("ppo", "KL loss term always acts", ("if cfg.kl_loss_coef > 0:", "if True:"),
       ("loss = pg_loss + cfg.kl_loss_coef * kl_loss", "loss = pg_loss + kl_loss")),
@@ -209,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--module", action="append", choices=MODULES, help="only these modules (repeatable)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
+    ap.add_argument("--name", help="only mutants whose name contains this text")
     ap.add_argument("--list", action="store_true", help="list the mutants and whether they apply; run nothing")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     modules = args.module or list(MODULES)
-    chosen = [mu for mu in MUTANTS if mu.module in modules]
+    chosen = [mu for mu in MUTANTS if mu.module in modules and (args.name is None or args.name in mu.name)]
     if args.list:
         for mu in chosen:
             ok = mutate((ROOT / "utils" / f"{mu.module}.py").read_text(), mu) is not None

@@ -20,22 +20,26 @@ import math
 import torch
 
 from utils.checks import check_finite, check_same_shape
-from utils.masking import masked_mean
+from utils.masking import _as_bool, masked_mean
 
 
 def _check_mask_2d(action_mask: torch.Tensor, like: torch.Tensor, name: str = "action_mask") -> torch.Tensor:
     """Validate a [B, T] 0/1 mask shaped like ``like``; return it as bool."""
     check_same_shape(**{name: action_mask, "rewards/kl": like})
-    if action_mask.dtype != torch.bool:
-        if not bool(((action_mask == 0) | (action_mask == 1)).all()):
-            raise ValueError(f"{name} must hold only 0/1 (or bool) values")
-        action_mask = action_mask.bool()
-    return action_mask
+    return _as_bool(action_mask, name)
 
 
 def _check_discount(value: float, name: str) -> float:
+    """The one check of a discount or decay in [0, 1] (gae, and utils.ppo.ActorConfig's gamma, lam, baseline_decay)."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_coef(value: float, name: str) -> float:
+    """The one check of a KL coefficient: a finite number >= 0 (token_rewards, and utils.ppo.ActorConfig)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -64,8 +68,7 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, action_mask: torch.Tens
         raise ValueError(f"kl must be [B, T], got shape {list(kl.shape)}")
     if score.dim() != 1 or score.shape[0] != kl.shape[0]:
         raise ValueError(f"score must be [B] = [{kl.shape[0]}] (one per row of kl), got shape {list(score.shape)}")
-    if not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef) and kl_coef >= 0):
-        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+    _check_coef(kl_coef, "kl_coef")
     mask = _check_mask_2d(action_mask, kl)
     check_finite(score=score, kl=kl)
     zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
@@ -134,9 +137,7 @@ def whiten(
         mask = torch.ones_like(x, dtype=torch.bool)
     else:
         check_same_shape(x=x, mask=mask)
-        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must hold only 0/1 (or bool) values")
-        mask = mask.bool()
+        mask = _as_bool(mask)
     n = int(mask.sum())
     if n < 2:
         raise ValueError(

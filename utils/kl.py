@@ -24,6 +24,13 @@ from utils.checks import check_finite, check_same_shape
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
+def _check_estimator(estimator: str, name: str = "estimator") -> str:
+    """The one check of an estimator name (kl_estimate, and utils.ppo.ActorConfig's kl_estimator, kl_loss_estimator)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"{name} must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    return estimator
+
+
 def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Exact KL(pi || pi_ref) of the next-token distributions at each position, summed over the vocabulary.
 
@@ -49,8 +56,7 @@ def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator:
     Returns [...], same shape. Its mean over samples estimates the KL; a single k1 value can be
     negative. Half-precision inputs are computed in float32 (exp of a bf16 log-ratio is coarse).
     """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    _check_estimator(estimator)
     check_same_shape(log_probs=log_probs, ref_log_probs=ref_log_probs)
     check_finite(log_probs=log_probs, ref_log_probs=ref_log_probs)
     if log_probs.dtype in (torch.float16, torch.bfloat16):

@@ -26,6 +26,33 @@ TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo"
 AGGREGATIONS = VERL_AGG_MODES + tuple(TRL_LOSS_TYPES)
 
 
+def _check_agg(agg: str) -> str:
+    """The one check of an aggregation name (aggregate, PolicyLoss and utils.ppo.ActorConfig use it)."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    return agg
+
+
+def _check_clip_args(
+    clip_eps: float | None, clip_eps_high: float | None, dual_clip: float | None
+) -> tuple[float | None, float | None, float | None]:
+    """The one check of the clip settings (policy_loss, PolicyLoss and utils.ppo.ActorConfig use it).
+
+    clip_eps and clip_eps_high in (0, 1), dual_clip > 1; clip_eps=None (no clip) leaves the other two None.
+    Returns them as floats (None stays None).
+    """
+    if clip_eps is None:
+        if clip_eps_high is not None or dual_clip is not None:
+            raise ValueError("clip_eps=None (no clip) leaves nothing for clip_eps_high or dual_clip to modify")
+        return None, None, None
+    clip_eps = check_clip_eps(clip_eps)
+    if clip_eps_high is not None:
+        clip_eps_high = check_clip_eps(clip_eps_high, "clip_eps_high")
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (it caps the loss at -c*A beyond the 1+eps clip), got {dual_clip!r}")
+    return clip_eps, clip_eps_high, dual_clip
+
+
 def clipped_surrogate(
     ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.2, clip_eps_high: float | None = None,
     dual_clip: float | None = None,
@@ -59,8 +86,7 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor | None, agg: str = "seq-mea
     the seq-mean modes): pass the whole batch's count (``global_normalizer``) when accumulating gradients over
     micro-batches, like verl's ``batch_num_tokens`` / ``global_batch_size`` and TRL's ``num_items_in_batch``.
     """
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    _check_agg(agg)
     if loss.dim() != 2:
         raise ValueError(f"per-token loss must be [B, T], got shape {list(loss.shape)}")
     if normalizer is not None and not normalizer > 0:
@@ -95,8 +121,7 @@ def global_normalizer(masks: torch.Tensor | list[torch.Tensor], agg: str) -> flo
     kept tokens (token-mean, bnpo, dapo), the number of sequences (the seq-mean modes, grpo, dr_grpo), or None
     (token-sum divides by nothing).
     """
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    _check_agg(agg)
     masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
     if not masks or any(m.dim() != 2 for m in masks):
         raise ValueError("masks must be one [B, T] mask or a non-empty list of them")
@@ -135,16 +160,9 @@ def policy_loss(
     check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, action_mask=action_mask)
     check_float(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)
     check_same_dtype(log_probs=log_probs, old_log_probs=old_log_probs)
+    clip_eps, clip_eps_high, dual_clip = _check_clip_args(clip_eps, clip_eps_high, dual_clip)
     if clip_eps is None:  # no clip at all: clamping at +-inf is the identity
-        if clip_eps_high is not None or dual_clip is not None:
-            raise ValueError("clip_eps=None (no clip) leaves nothing for clip_eps_high or dual_clip to modify")
         clip_eps = clip_eps_high = float("inf")
-    else:
-        clip_eps = check_clip_eps(clip_eps)
-    if clip_eps_high is not None and clip_eps_high != float("inf"):
-        clip_eps_high = check_clip_eps(clip_eps_high, "clip_eps_high")
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (it caps the loss at -c*A beyond the 1+eps clip), got {dual_clip!r}")
     # every position, masked ones too: an inf there would still turn the gradient into NaN (0 * inf)
     check_finite(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)
     if action_mask is not None:
@@ -186,17 +204,11 @@ class PolicyLoss(nn.Module):
     the diagnostics of the last call are in ``self.last_info``.
     """
 
-    def __init__(self, clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
-                 agg: str = "seq-mean-token-mean") -> None:
+    def __init__(self, clip_eps: float | None = 0.2, clip_eps_high: float | None = None,
+                 dual_clip: float | None = None, agg: str = "seq-mean-token-mean") -> None:
         super().__init__()
-        self.clip_eps = check_clip_eps(clip_eps)
-        self.clip_eps_high = None if clip_eps_high is None else check_clip_eps(clip_eps_high, "clip_eps_high")
-        if dual_clip is not None and not dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
-        self.dual_clip = dual_clip
-        if agg not in AGGREGATIONS:
-            raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
-        self.agg = agg
+        self.clip_eps, self.clip_eps_high, self.dual_clip = _check_clip_args(clip_eps, clip_eps_high, dual_clip)
+        self.agg = _check_agg(agg)
         self.last_info: dict[str, float] = {}
 
     def forward(self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,

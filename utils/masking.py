@@ -10,12 +10,15 @@ import torch
 from utils.checks import check_same_shape
 
 
-def _as_bool(mask: torch.Tensor) -> torch.Tensor:
-    """The mask as bool; a float mask must hold only 0 and 1 (0.5 is not "half kept")."""
+def _as_bool(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """The mask as bool; a float mask must hold only 0 and 1 (0.5 is not "half kept").
+
+    The one 0/1 rule for masks in this package's masking and advantage functions.
+    """
     if mask.dtype == torch.bool:
         return mask
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0/1 (or bool) values")
+        raise ValueError(f"{name} must hold only 0/1 (or bool) values")
     return mask.bool()
 
 

@@ -29,11 +29,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from utils.advantages import gae, token_rewards, whiten
-from utils.checks import check_clip_eps
-from utils.kl import KL_ESTIMATORS, kl_estimate, kl_from_logits
-from utils.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, sequence_logprobs
-from utils.loss import AGGREGATIONS, aggregate, policy_loss
+from utils.advantages import _check_coef, _check_discount, gae, token_rewards, whiten
+from utils.kl import _check_estimator, kl_estimate, kl_from_logits
+from utils.logprobs import _check_temperature, entropy_from_logits, logprobs_from_logits, response_logits, sequence_logprobs
+from utils.loss import _check_agg, _check_clip_args, aggregate, policy_loss
 from utils.masking import masked_mean, masked_sum, response_mask
 from utils.models import context_length, set_seed
 
@@ -97,27 +96,26 @@ class ActorConfig:
     """how per-token losses become one number: "seq-mean-token-mean", "token-mean", "seq-mean-token-sum", ...
     (``utils.loss.AGGREGATIONS``; with one response per update the first two agree)"""
     dropout_in_update: bool = False
-    """False: the policy stays in eval mode (dropout off) during the update, as TRL disables dropout; True: train()
-    mode, so the first epoch's ratio is no longer 1 (the bundled model has dropout 0.1)"""
+    """False: the policy stays in eval mode (dropout off) during the update, as TRL's PPO trainer disables dropout
+    (trl/experimental/ppo/ppo_trainer.py L489-491 @f2cd5771; its GRPO trainer only with disable_dropout=True,
+    default False); True: train() mode, so the first epoch's ratio is no longer 1 (the bundled model has dropout 0.1)"""
     seed: int = 0
     """seeds sampling in ``train`` (torch and Python RNGs)"""
 
     def __post_init__(self) -> None:
+        # Fail at construction, not mid-run. The settings the loss, the KL and the advantages take are checked by
+        # those modules' own validators (one rule each, the same ones their functions apply); the rest are this loop's.
+        _check_temperature(self.temperature)
+        _check_coef(self.kl_coef, "kl_coef")
+        _check_coef(self.kl_loss_coef, "kl_loss_coef")
+        _check_estimator(self.kl_estimator, "kl_estimator")
+        _check_estimator(self.kl_loss_estimator, "kl_loss_estimator")
+        for name in ("gamma", "lam", "baseline_decay"):
+            _check_discount(getattr(self, name), name)
+        _check_agg(self.agg)
+        _check_clip_args(self.clip_eps, self.clip_eps_high, self.dual_clip)
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.kl_loss_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_loss_estimator must be one of {KL_ESTIMATORS}, got {self.kl_loss_estimator!r}")
-        if not (math.isfinite(self.kl_loss_coef) and self.kl_loss_coef >= 0):
-            raise ValueError(f"kl_loss_coef must be >= 0, got {self.kl_loss_coef!r}")
-        for name in ("gamma", "lam", "baseline_decay"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if not (isinstance(self.ppo_epochs, int) and self.ppo_epochs >= 1):
@@ -126,17 +124,6 @@ class ActorConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-        if self.agg not in AGGREGATIONS:
-            raise ValueError(f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
-        if self.clip_eps is None:
-            if self.clip_eps_high is not None or self.dual_clip is not None:
-                raise ValueError("clip_eps=None (no clip) leaves nothing for clip_eps_high or dual_clip to modify")
-        else:
-            check_clip_eps(self.clip_eps)
-        if self.clip_eps_high is not None:
-            check_clip_eps(self.clip_eps_high, "clip_eps_high")
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip!r}")
 
 
 @dataclass
@@ -305,6 +292,15 @@ def update_end(old_logits: torch.Tensor, policy, ro: Rollout, cfg: ActorConfig) 
             "end_ratio_max": float(log_ratio.exp().max()), "end_max_abs_log_ratio": float(log_ratio.abs().max())}
 
 
+def epoch_mean(epochs: list[dict]) -> dict[str, float]:
+    """The one rule by which ``actor_update``'s K per-epoch diagnostics become one per-update number: the mean.
+
+    epochs: one dict per epoch, all with the same keys. Returns {key: mean over the epochs} for every key but
+    ``epoch``. Where the update *ended* is not a mean; ``update_end`` measures it once after the last step.
+    """
+    return {k: sum(e[k] for e in epochs) / len(epochs) for k in epochs[0] if k != "epoch"}
+
+
 def _ema(baseline: float, score: float, cfg: ActorConfig) -> float:
     if cfg.baseline == "none":
         return 0.0
@@ -318,9 +314,9 @@ def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_ro
     Each dict holds, measured at the rollout (before the update): step, score, baseline, advantage
     (score - b), kl_ref_k1_mean / kl_ref_k1_sum / kl_ref_k3_mean (KL of the sampling policy to the
     reference on the response's tokens, per token and summed), response_len and the response text.
-    **One rule for the K epochs:** every per-epoch diagnostic of ``actor_update`` (loss, policy_loss,
-    kl_loss, clip_frac, ratio_min/mean/max, approx_kl_k1/k3, entropy, grad_norm) is reported as its mean
-    over the epochs; where the update ended is measured once after the last step (``update_end``:
+    **One rule for the K epochs** (``epoch_mean``): every per-epoch diagnostic of ``actor_update`` (loss,
+    policy_loss, kl_loss, clip_frac, ratio_min/mean/max, approx_kl_k1/k3, entropy, grad_norm) is reported as
+    its mean over the epochs; where the update ended is measured once after the last step (``update_end``:
     end_kl_old, end_ratio_min/max, end_max_abs_log_ratio).
     Seeds torch with ``cfg.seed`` first, so the same call gives the same history.
     """
@@ -344,7 +340,7 @@ def train(policy, ref, tokenizer, prompt: str, reward_fn, cfg: ActorConfig, n_ro
             "kl_ref_k3_mean": float(masked_mean(kl_estimate(ro.old_log_probs, ro.ref_log_probs, "k3"), ro.action_mask)),
             "response_len": ro.response_len,
         }
-        row.update({k: sum(e[k] for e in epochs) / len(epochs) for k in epochs[0] if k != "epoch"})  # the one rule
+        row.update(epoch_mean(epochs))  # the one rule: the mean over the K epochs
         row.update(update_end(old_logits, policy, ro, cfg))
         row["response"] = ro.response
         history.append(row)
