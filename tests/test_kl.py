@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from utils.kl import KL_ESTIMATORS, kl_estimate
+from utils.kl import KL_ESTIMATORS, kl_estimate, kl_from_logits
 
 
 def naive(logp: float, ref: float, estimator: str) -> float:
@@ -103,3 +103,35 @@ def test_half_precision_inputs_are_computed_in_float32(estimator, dtype):
     out = kl_estimate(lp, ref, estimator)
     assert out.dtype == torch.float32  # exp of a half-precision log-ratio would be coarse
     torch.testing.assert_close(out, kl_estimate(lp.float(), ref.float(), estimator))
+
+
+# ----------------------------------------------------------------------------- kl_from_logits
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_exact_kl_from_logits_matches_the_sum_over_the_vocabulary(temperature):
+    # KL(pi || pi_ref) = sum_x pi(x) (log pi(x) - log pi_ref(x)), pi = softmax(logits / tau), in float64 by hand
+    g = torch.Generator().manual_seed(5)
+    a, b = 2 * torch.randn(4, 3, 11, generator=g), 2 * torch.randn(4, 3, 11, generator=g)
+    p, q = (a.double() / temperature).softmax(-1), (b.double() / temperature).softmax(-1)
+    want = (p * (p.log() - q.log())).sum(-1)
+    got = kl_from_logits(a, b, temperature)
+    assert got.shape == (4, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    # the direction matters (KL is not symmetric), and so does the temperature
+    assert float((kl_from_logits(b, a, temperature).double() - want).abs().max()) > 1e-2
+    if temperature != 1.0:
+        assert float((kl_from_logits(a, b).double() - want).abs().max()) > 1e-2
+    torch.testing.assert_close(kl_from_logits(a, a, temperature), torch.zeros(4, 3))
+
+
+def test_exact_kl_from_logits_validates():
+    a = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        kl_from_logits(a, a[:, :4])
+    with pytest.raises(ValueError, match="temperature"):
+        kl_from_logits(a, a, 0.0)
+    bad = a.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        kl_from_logits(a, bad)

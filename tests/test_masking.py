@@ -114,6 +114,8 @@ def test_masked_sum_of_empty_mask_is_zero():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="shape mismatch"):
         masked_mean(torch.randn(2, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="shape mismatch"):  # checked before counting along dim (not an IndexError)
+        masked_mean(torch.randn(2, 4), torch.ones(4), dim=1)
     with pytest.raises(ValueError, match="shape mismatch"):
         masked_sum(torch.randn(2, 4), torch.ones(4, 2))
 
@@ -245,3 +247,10 @@ def test_response_mask_agrees_with_a_loop():
             assert bool(got[b, j]) == (not seen_eos)
             seen_eos = seen_eos or tok == EOS
     assert 0 < got.float().mean() < 1  # the case holds a real mix of kept and dropped tokens
+
+
+@pytest.mark.parametrize("fn", [masked_mean, masked_sum])
+def test_a_mask_with_a_value_other_than_0_or_1_raises(fn):
+    # 0.5 is not "half kept"; one such entry among 0s and 1s is enough to refuse the mask
+    with pytest.raises(ValueError, match="0/1"):
+        fn(torch.randn(2, 3), torch.tensor([[1.0, 0.0, 0.5], [1.0, 1.0, 0.0]]))

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +196,22 @@ MUTANTS: list[Mutant] = [
                                              "log_probs, rollout.ref_log_probs, rollout.advantages")),
     m("ppo", "whitening never applied", ("if cfg.whiten_advantages:", "if False:")),
     m("ppo", "train not seeded", ("    set_seed(cfg.seed)\n", "    pass\n")),
+    m("ppo", "old log-probs recomputed every epoch (ratio always 1)", ("log_probs, rollout.old_log_probs, rollout.advantages",
+                                                                      "log_probs, log_probs.detach(), rollout.advantages")),
+    m("ppo", "KL loss term subtracted", ("loss = pg_loss + cfg.kl_loss_coef * kl_loss", "loss = pg_loss - cfg.kl_loss_coef * kl_loss")),
+    m("ppo", "per-update row is the last epoch", ("return {k: sum(e[k] for e in epochs) / len(epochs) for k in epochs[0] if k != \"epoch\"}",
+                                                  "return {k: epochs[-1][k] for k in epochs[0] if k != \"epoch\"}")),
+    m("ppo", "new log-probs at T = 1", ("logprobs_from_logits(logits, rollout.input_ids[:, rollout.prompt_len:], cfg.temperature)",
+                                        "logprobs_from_logits(logits, rollout.input_ids[:, rollout.prompt_len:])")),
+    m("ppo", "entropy at T = 1", ("entropy_from_logits(logits.detach(), cfg.temperature)", "entropy_from_logits(logits.detach())")),
+    m("ppo", "reference log-probs from the policy", (
+        "ref_log_probs = sequence_logprobs(ref, input_ids, attention_mask, prompt_len, cfg.temperature)",
+        "ref_log_probs = sequence_logprobs(policy, input_ids, attention_mask, prompt_len, cfg.temperature)")),
+    m("ppo", "update_end measured against the rollout's policy after the update", (
+        "        old_logits = _logits(policy, ro)\n        epochs = actor_update(policy, optimizer, ro, cfg)\n",
+        "        epochs = actor_update(policy, optimizer, ro, cfg)\n        old_logits = _logits(policy, ro)\n")),
+    m("ppo", "the KL-in-loss term uses the reward's estimator", (
+        "kl_estimate(log_probs, rollout.ref_log_probs, cfg.kl_loss_estimator)", "kl_estimate(log_probs, rollout.ref_log_probs, cfg.kl_estimator)")),
 ]
 MODULES = ("loss", "masking", "advantages", "kl", "logprobs", "ppo")
 
@@ -218,9 +235,12 @@ def scratch_copy() -> Path:
     return tmp
 
 
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow"]
+
+
 def run_tests(copy: Path, test_file: str, timeout: float) -> tuple[str, float]:
-    """Run one test file in the copy (``python -m pytest`` puts the copy first on sys.path): passed/failed/timeout."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", test_file]
+    """Run one test file in a fresh process in the copy (``python -m pytest`` puts the copy first on sys.path)."""
+    cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, test_file]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.perf_counter()
     try:
@@ -228,6 +248,103 @@ def run_tests(copy: Path, test_file: str, timeout: float) -> tuple[str, float]:
     except subprocess.TimeoutExpired:
         return "timeout", time.perf_counter() - start
     return ("passed" if proc.returncode == 0 else "failed"), time.perf_counter() - start
+
+
+class _Timeout(BaseException):
+    """Raised by the alarm in the worker; a BaseException so that no test's ``except Exception`` swallows it."""
+
+
+def worker(spec_path: Path) -> int:
+    """Run many mutants of one module in one process: torch and transformers are imported once (on a loaded
+    machine that import is most of a short test file's time), while ``utils`` and the tests are dropped from
+    ``sys.modules`` and re-imported from the mutated file for every run. Writes one JSON line per run."""
+    import importlib
+    import signal
+
+    import pytest
+    import torch  # noqa: F401  (the heavy imports, kept across runs)
+    import transformers  # noqa: F401
+
+    spec = json.loads(spec_path.read_text())
+    copy, path = Path(spec["copy"]), Path(spec["copy"]) / spec["path"]
+    os.chdir(copy)
+    sys.path.insert(0, str(copy))
+    original = path.read_text()
+
+    def on_alarm(signum, frame):
+        raise _Timeout()
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    with open(spec["results"], "a") as out:
+        for item in spec["runs"]:
+            for name in list(sys.modules):
+                if name.split(".")[0] in ("utils", "tests") or name.startswith("test_") or name == "conftest":
+                    del sys.modules[name]
+            path.write_text(original if item["text"] is None else item["text"])
+            importlib.invalidate_caches()
+            start, status = time.perf_counter(), None
+            signal.alarm(int(spec["timeout"]))
+            try:
+                rc = pytest.main([*PYTEST_ARGS, spec["test_file"]])
+                status = "passed" if rc == 0 else "failed"
+            except _Timeout:
+                status = "timeout"
+            finally:
+                signal.alarm(0)
+                path.write_text(original)
+            if status == "timeout":
+                pass
+            elif not str(Path(sys.modules["utils"].__file__).resolve()).startswith(str(copy.resolve())):
+                status = "not the copy"  # the installed utils was imported: the run means nothing
+            out.write(json.dumps({"name": item["name"], "status": status,
+                                  "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+            out.flush()
+    return 0
+
+
+def run_module(copy: Path, module: str, runs: list[dict], timeout: float, fresh: bool) -> Iterator[tuple[str, tuple[str, float]]]:
+    """Status and seconds of each run ({"name", "text"}; text None = the unmutated file), in one worker process
+    (restarted after a crash, which counts as a kill) or, with ``fresh``, one process per run."""
+    path = copy / "utils" / f"{module}.py"
+    test_file = f"tests/test_{module}.py"
+    done: dict[str, tuple[str, float]] = {}
+    if fresh:
+        original = path.read_text()
+        for item in runs:
+            path.write_text(original if item["text"] is None else item["text"])
+            try:
+                done[item["name"]] = run_tests(copy, test_file, timeout)
+            finally:
+                path.write_text(original)
+            yield item["name"], done[item["name"]]
+        return
+    results = copy / f"results-{module}.jsonl"
+    todo = list(runs)
+    while todo:
+        spec = copy / f"spec-{module}.json"
+        spec.write_text(json.dumps({"copy": str(copy), "path": f"utils/{module}.py", "test_file": test_file,
+                                    "runs": todo, "timeout": timeout, "results": str(results)}))
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)], cwd=copy,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seen = 0
+        while True:
+            finished = proc.poll() is not None
+            lines = results.read_text().splitlines() if results.exists() else []
+            for line in lines[seen:]:
+                row = json.loads(line)
+                done[row["name"]] = (row["status"], row["seconds"])
+                yield row["name"], done[row["name"]]
+            seen = len(lines)
+            if finished:
+                break
+            time.sleep(1.0)
+        results.unlink(missing_ok=True)
+        todo = [r for r in todo if r["name"] not in done]
+        if todo:  # the worker died on this one (a crash is a kill): record it, go on with the rest
+            done[todo[0]["name"]] = ("failed", 0.0)
+            yield todo[0]["name"], done[todo[0]["name"]]
+            todo = todo[1:]
 
 
 def imports_the_copy(copy: Path) -> bool:
@@ -240,11 +357,16 @@ def imports_the_copy(copy: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--module", action="append", choices=MODULES, help="only these modules (repeatable)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
     ap.add_argument("--name", help="only mutants whose name contains this text")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
+    ap.add_argument("--fresh", action="store_true", help="a fresh Python process per run (slower; the default "
+                    "runs one module's mutants in one process, re-importing utils and the tests for each)")
     ap.add_argument("--list", action="store_true", help="list the mutants and whether they apply; run nothing")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
     modules = args.module or list(MODULES)
     chosen = [mu for mu in MUTANTS if mu.module in modules and (args.name is None or args.name in mu.name)]
     if args.list:
@@ -263,38 +385,39 @@ def main(argv: list[str] | None = None) -> int:
             print("the tests would import the installed utils, not the copy: cannot mutate", file=sys.stderr)
             return 2
         for module in modules:
-            path = copy / "utils" / f"{module}.py"
-            test_file = f"tests/test_{module}.py"
-            original = path.read_text()
-            status, secs = run_tests(copy, test_file, args.timeout * 2)
-            print(f"== {module}: {test_file} on the unmutated copy {status} in {secs:.0f} s", flush=True)
-            if status != "passed":
-                print(f"   {test_file} must pass before mutants mean anything; skipping {module}", flush=True)
-                continue
+            original = (copy / "utils" / f"{module}.py").read_text()
             rows = results.setdefault(module, [])
+            runs = [{"name": "(unmutated)", "text": None}]
             for mu in (x for x in chosen if x.module == module):
                 text = mutate(original, mu)
                 if text is None:
                     rows.append({"mutant": mu.name, "result": "stale"})
                     print(f"   stale     {mu.name} (its text is no longer in utils/{module}.py)", flush=True)
+                else:
+                    runs.append({"name": mu.name, "text": text})
+            for name, (status, secs) in run_module(copy, module, runs, args.timeout, args.fresh):
+                if name == "(unmutated)":
+                    print(f"== {module}: tests/test_{module}.py on the unmutated copy {status} in {secs:.0f} s", flush=True)
+                    if status != "passed":
+                        print(f"   tests/test_{module}.py must pass before mutants mean anything; "
+                              f"the results for {module} are not counted", flush=True)
+                        rows.append({"mutant": "(unmutated)", "result": "baseline " + status})
                     continue
-                path.write_text(text)
-                try:
-                    status, secs = run_tests(copy, test_file, args.timeout)
-                finally:
-                    path.write_text(original)
-                result = {"passed": "SURVIVED", "failed": "killed", "timeout": "killed (timeout)"}[status]
-                rows.append({"mutant": mu.name, "result": result, "seconds": round(secs, 1)})
-                print(f"   {result:9s} {mu.name} ({secs:.0f} s)", flush=True)
+                result = {"passed": "SURVIVED", "failed": "killed", "timeout": "killed (timeout)"}.get(status, status)
+                rows.append({"mutant": name, "result": result, "seconds": secs})
+                print(f"   {result:9s} {name} ({secs:.0f} s)", flush=True)
     finally:
         shutil.rmtree(copy, ignore_errors=True)
     total_k = total_n = 0
     print("\nmodule       killed / run   survivors")
     for module, rows in results.items():
+        if any(r["mutant"] == "(unmutated)" for r in rows):
+            print(f"{module:12s}   (its tests failed unmutated: not counted)")
+            continue
         run_rows = [r for r in rows if r["result"] != "stale"]
         killed = sum(r["result"].startswith("killed") for r in run_rows)
         total_k, total_n = total_k + killed, total_n + len(run_rows)
-        survivors = ", ".join(r["mutant"] for r in run_rows if r["result"] == "SURVIVED") or "-"
+        survivors = ", ".join(r["mutant"] for r in run_rows if r["result"] != "stale" and not r["result"].startswith("killed")) or "-"
         print(f"{module:12s} {killed:3d} / {len(run_rows):3d}      {survivors}")
     if total_n:
         print(f"{'all':12s} {total_k:3d} / {total_n:3d}      kill rate {100 * total_k / total_n:.0f} %")
