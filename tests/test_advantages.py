@@ -80,6 +80,14 @@ def test_constant_value_equals_baseline_subtracted_from_score():
     torch.testing.assert_close(adv_v, adv_b)
 
 
+def test_gae_treats_values_as_constants():
+    # the values come from a critic; the advantages are targets for the actor, so no gradient may flow into V
+    r = torch.tensor([[0.0, 0.5, 1.0]])
+    v = torch.tensor([[0.2, -0.1, 0.4]], requires_grad=True)
+    adv, ret = gae(r, v, 0.9, 0.8)
+    assert not adv.requires_grad and not ret.requires_grad
+
+
 def test_gae_errors():
     r = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="shape"):
