@@ -77,8 +77,11 @@ ci-deps:
 	command -v chromium >/dev/null || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
+# Two workers: most tests and notebooks are single-threaded Python most of the time, so two at once
+# fit 2 cores (TEST_JOBS=0 runs them in one process).
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist worksteal)
 
 bench: $(STAMP)
 	$(PY) tools/bench.py
