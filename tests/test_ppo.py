@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from utils import load_policy, sequence_logprobs
-from utils.masking import masked_sum
+from utils.kl import kl_estimate
+from utils.logprobs import entropy_from_logits
+from utils.masking import masked_mean, masked_sum
 from utils.ppo import (
     ActorConfig, Rollout, actor_update, epoch_mean, evaluate, make_optimizer, reference_model, rollout,
     sample_responses, train, update_end,
@@ -81,6 +83,36 @@ def test_first_epoch_ratio_is_exactly_one_in_eval_mode(bundled):
     assert hist[-1]["ratio_max"] != 1.0  # the steps moved the policy
     assert {"loss", "clip_frac", "ratio_mean", "approx_kl_k3", "entropy", "grad_norm"} <= set(first)
     assert not policy.training  # left in eval mode
+
+
+def test_temperature_reaches_the_update(bundled):
+    # at tau = 0.7 the first epoch's log-probs must be the rollout's (ratio exactly 1) and its entropy that of
+    # softmax(logits / tau): an update that forgot the temperature anywhere would see a ratio != 1 or another entropy
+    policy, ref, tok = fresh(bundled)
+    cfg = ActorConfig(max_new_tokens=8, ppo_epochs=1, temperature=0.7)
+    torch.manual_seed(1)
+    ro = rollout(policy, ref, tok, PROMPT, constant_reward(1.0), cfg)
+    with torch.no_grad():
+        logits = response_logits(policy, ro.input_ids, ro.attention_mask, ro.prompt_len)
+        want = float(masked_mean(entropy_from_logits(logits, 0.7), ro.action_mask))
+        at_one = float(masked_mean(entropy_from_logits(logits, 1.0), ro.action_mask))
+    hist = actor_update(policy, make_optimizer(policy, cfg), ro, cfg)
+    assert hist[0]["ratio_min"] == 1.0 and hist[0]["ratio_max"] == 1.0
+    assert hist[0]["entropy"] == pytest.approx(want, rel=1e-5) and abs(want - at_one) > 1e-2
+
+
+def test_ratio_is_against_the_rollout_policy_not_the_reference(bundled):
+    # a policy that has drifted from the reference: the first epoch's ratio is pi / pi_old = 1 exactly,
+    # while pi / pi_ref is not (the two coincide only while policy == reference, as in most tests here)
+    policy, ref, tok = fresh(bundled)
+    with torch.no_grad():
+        policy.transformer.wte.weight.mul_(1.1)
+    cfg = ActorConfig(max_new_tokens=8, ppo_epochs=1)
+    torch.manual_seed(3)
+    ro = rollout(policy, ref, tok, PROMPT, constant_reward(1.0), cfg)
+    assert float((ro.old_log_probs - ro.ref_log_probs)[ro.action_mask].abs().max()) > 1e-2
+    hist = actor_update(policy, make_optimizer(policy, cfg), ro, cfg)
+    assert hist[0]["ratio_min"] == 1.0 and hist[0]["ratio_max"] == 1.0 and hist[0]["approx_kl_k1"] == 0.0
 
 
 def test_dropout_in_update_breaks_ratio_one(bundled):
@@ -205,6 +237,9 @@ def test_kl_loss_pulls_toward_reference(bundled):
     assert bool((ro.advantages == 0).all())  # no policy-gradient signal: only the KL term acts
     hist = actor_update(policy, make_optimizer(policy, cfg), ro, cfg)
     assert hist[0]["kl_loss"] > 0 and hist[0]["policy_loss"] == 0.0
+    # epoch 0 runs on the rollout's policy: the term is kl_loss_estimator's (k3) mean, not the reward's k1
+    k3 = kl_estimate(ro.old_log_probs, ro.ref_log_probs, "k3")
+    assert hist[0]["kl_loss"] == pytest.approx(float(masked_mean(k3, ro.action_mask)), rel=1e-5)
     assert hist[-1]["kl_loss"] < 0.9 * hist[0]["kl_loss"]
     # with the coefficient at 0 the term does not act: the weights do not move. p2 drifts like the policy above, so
     # its KL gradient is not zero (on a copy of the reference it would be, and a KL term that always acted would pass)
@@ -285,6 +320,33 @@ def test_train_reports_the_mean_over_epochs_and_where_the_update_ended(bundled):
     for key, value in end.items():
         assert hist[0][key] == pytest.approx(value), key
     assert end["end_kl_old"] > 0 and end["end_max_abs_log_ratio"] > 0
+
+
+def test_the_optimizer_steps_on_the_clipped_gradient(bundled):
+    # AdamW hides a missing clip (its step barely depends on the gradient's scale), so watch the gradient
+    # that step() receives: its norm is at most max_grad_norm, while the logged grad_norm is the norm before clipping
+    policy, ref, tok = fresh(bundled)
+    cfg = ActorConfig(max_new_tokens=8, ppo_epochs=2, max_grad_norm=0.01)
+    torch.manual_seed(2)
+    ro = rollout(policy, ref, tok, PROMPT, constant_reward(1.0), cfg)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(
+        float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in policy.parameters() if p.grad is not None])))))
+    hist = actor_update(policy, opt, ro, cfg)
+    assert len(seen) == 2 and all(h["grad_norm"] > 0.01 for h in hist)
+    assert all(n <= 0.01 * (1 + 1e-4) for n in seen)
+    # lr = 0: the policy does not move, so both epochs see the same gradient (one that accumulated would differ)
+    assert hist[1]["grad_norm"] == pytest.approx(hist[0]["grad_norm"], rel=1e-6)
+
+
+def test_ema_baseline_follows_the_scores(bundled):
+    # a constant score of 1 from b_0 = 0: b = 0, 0.1, 0.19 (decay 0.9); swapped weights would give 0, 0.9, 0.99
+    policy, ref, tok = fresh(bundled)
+    cfg = ActorConfig(max_new_tokens=3, ppo_epochs=1, baseline_decay=0.9)
+    hist = train(policy, ref, tok, PROMPT, constant_reward(1.0), cfg, n_rollouts=3, progress=False)
+    assert [h["baseline"] for h in hist] == pytest.approx([0.0, 0.1, 0.19])
+    assert [h["advantage"] for h in hist] == pytest.approx([1.0, 0.9, 0.81])
 
 
 def test_epoch_mean_is_the_mean_of_every_key_but_epoch():
