@@ -2,6 +2,10 @@
 
     nice -n 10 python tools/exp_side_by_side.py --seeds 0 1 2 3 4     # writes data/results/side_by_side.json
 
+(The committed file was written as five one-seed runs in parallel, ``--seeds k --out ...``, merged into one file
+whose ``seconds`` is the longest run's wall time, ~34 min on a busy shared 2-core machine; timed arm by arm under a lighter load, one seed
+took about 3 min. Each run is one thread, so the rows do not depend on how they were run.)
+
 Every arm trains the shipped small GPT-2 (or ``--policy DIR``) on "ROMEO.\\n" with the word reward
 (utils.rewards.WordReward), from the same start, with the same sampling budget: N_RESPONSES sampled
 responses of at most 24 tokens, the same AdamW (lr 1e-4, grad-norm 1.0) and K = 4 epochs on each batch.
