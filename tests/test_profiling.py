@@ -1,11 +1,13 @@
 """utils.profiling: timing statistics by hand, peak memory against allocations of known size."""
 
+import sys
 import time
 
 import pytest
 import torch
 
-from utils.profiling import Timing, format_bytes, format_seconds, peak_memory, peak_rss_delta, time_fn, time_interleaved
+from utils.profiling import (Timing, format_bytes, format_seconds, peak_memory, peak_rss_delta, rss_method, time_fn,
+                             time_interleaved)
 
 MB4 = 1000 * 1000 * 4  # bytes of a float32 [1000, 1000] tensor
 
@@ -115,3 +117,35 @@ def test_peak_rss_delta_sees_a_touched_buffer():
     assert small < 5 * 2**20
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         peak_rss_delta("pass", "1 / 0")
+
+
+MIB = 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child's ru_maxrss semantics below are Linux's")
+def test_peak_rss_delta_off_linux_falls_back_to_ru_maxrss(monkeypatch):
+    # Pretend to be macOS: the parent picks the ru_maxrss probe, the child (really Linux) reports KiB.
+    import resource
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert rss_method() == "ru_maxrss"
+    # A Linux child inherits this process's peak, so only what stmt adds above it is seen: allocate past it.
+    inherited = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    n = inherited + 100 * MIB
+    got = peak_rss_delta(f"n = {n}", "buf = b'x' * n")
+    assert 100 * MIB <= got <= n + 10 * MIB  # a lower bound of the true n, and it sees the part above the old peak
+    assert peak_rss_delta("pass", "buf = b'x' * 1024") < 5 * MIB
+    # the child that believes it is macOS reads ru_maxrss as bytes (macOS's unit), so it reports 1/1024 of the KiB
+    as_bytes = peak_rss_delta(f"import sys\nsys.platform = 'darwin'\nn = {n}", "buf = b'x' * n")
+    assert as_bytes <= got / 1024 + 2048
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        peak_rss_delta("pass", "1 / 0")
+
+
+def test_peak_rss_delta_says_when_the_platform_cannot_measure(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert rss_method() is None
+    with pytest.raises(RuntimeError, match="win32"):
+        peak_rss_delta("pass", "buf = b'x' * 1024")
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert rss_method() == "VmHWM"

@@ -34,4 +34,4 @@ __all__ = [
 ]
 
 # Submodules reachable as attributes after a plain `import utils` (the notebooks' one calling style).
-from utils import advantages, kl, kl_gradient, ppo, results, rewards, rollout_correction  # noqa: E402,F401
+from utils import advantages, kl, kl_gradient, ppo, profiling, results, rewards, rollout_correction  # noqa: E402,F401

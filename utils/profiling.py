@@ -19,8 +19,14 @@
   before ``stmt``. It sees everything the operating system sees, but it is
   coarse: the C library keeps some freed memory for reuse, so runs can differ
   by megabytes, and each call pays for a new interpreter (about 2 s with
-  torch). Linux only. (``ru_maxrss`` is no use here: a child inherits its
-  parent's peak at fork.)
+  torch). ``rss_method()`` says how it measures on this platform: ``"VmHWM"``
+  on Linux (exact up to pages); ``"ru_maxrss"`` elsewhere with the
+  ``resource`` module (macOS, the BSDs), the rise of
+  ``getrusage().ru_maxrss`` during ``stmt``, a lower bound (that peak cannot
+  be reset, so what ``stmt`` allocates below an earlier peak of the process
+  is not seen; on Linux, where ``ru_maxrss`` is inherited from the parent
+  across fork and exec, it is no use at all); ``None`` on Windows, where
+  ``peak_rss_delta`` raises.
 
 Derived in notebooks/08_making_it_fast.ipynb.
 """
@@ -206,7 +212,7 @@ def peak_memory(fn: Callable[[], object]) -> int:
     return max(0, max(n.extra_fields.total_allocated for n in allocs) - before)
 
 
-_RSS_PROBE = """
+_RSS_PROBE_VMHWM = """
 def _status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
@@ -219,18 +225,45 @@ print("RSS_DELTA_KIB", _status("VmHWM") - _r0)
 """
 
 
+# Off Linux: the rise of the process's own peak during stmt. ru_maxrss is in bytes on macOS, in KiB elsewhere.
+_RSS_PROBE_MAXRSS = """
+import resource as _resource
+import sys as _sys
+def _peak_bytes():
+    return _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss * (1 if _sys.platform == "darwin" else 1024)
+{setup}
+_p0 = _peak_bytes()
+{stmt}
+print("RSS_DELTA_KIB", (_peak_bytes() - _p0) // 1024)
+"""
+
+
+def rss_method() -> str | None:
+    """How ``peak_rss_delta`` measures here: "VmHWM" (Linux, exact), "ru_maxrss" (a lower bound), or None."""
+    if sys.platform.startswith("linux"):
+        return "VmHWM"
+    if sys.platform == "win32":  # no resource module, no /proc
+        return None
+    return "ru_maxrss"
+
+
 def peak_rss_delta(setup: str, stmt: str, timeout: float = 300.0) -> int:
     """Bytes by which a fresh process's peak resident memory rises while it runs ``stmt`` after ``setup``.
 
     setup, stmt: Python source (each a block of statements at top level).
     ``setup`` should create and touch the inputs; the answer is the peak RSS
     during ``stmt`` minus the RSS just before it (Linux ``/proc/self/status``,
-    in KiB, returned in bytes). Raises ``RuntimeError`` with the child's stderr
-    if the child fails, and on systems without ``/proc``.
+    in KiB, returned in bytes). Off Linux it returns the rise of the child's
+    ``ru_maxrss`` during ``stmt`` instead, a lower bound (``rss_method()``).
+    Raises ``RuntimeError`` with the child's stderr if the child fails, and on
+    platforms with neither (Windows).
     """
-    if not os.path.exists("/proc/self/status"):
-        raise RuntimeError("peak_rss_delta reads /proc/self/status and needs Linux")
-    code = _RSS_PROBE.format(setup=setup, stmt=stmt)
+    method = rss_method()
+    if method is None:
+        raise RuntimeError(f"peak_rss_delta cannot read a process's peak memory on {sys.platform!r} "
+                           "(it needs Linux's /proc/self/status or the resource module)")
+    probe = _RSS_PROBE_VMHWM if method == "VmHWM" else _RSS_PROBE_MAXRSS
+    code = probe.format(setup=setup, stmt=stmt)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
     for line in out.stdout.splitlines():
