@@ -8,9 +8,10 @@ With ``log_ratio = log_probs - ref_log_probs = log pi(x) - log pi_ref(x)`` and x
     k3 = exp(-log_ratio) - 1 + log_ratio        unbiased and always >= 0 ((r - 1) - log r with r = pi_ref/pi)
 
 These are the estimators of OpenRLHF ``compute_approx_kl`` and verl ``kl_penalty``
-(k3 is verl's "low_var_kl"); see docs/anchors.md section 4. Both trainers clamp the
-result (to [-10, 10]) in some versions; this module does not, and raises instead
-when a value overflows.
+(k3 is verl's "low_var_kl"); see docs/anchors.md section 4. Both trainers clamp: verl only
+k3, to [-10, 10] (verl/trainer/ppo/core_algos.py L2241-2244 at 1dda039b), OpenRLHF every
+estimator, to [-10, 10] (openrlhf/models/utils.py L95 at 3c3be623). This module does not
+clamp, and raises instead when a value overflows.
 
 Derived in notebooks/05_token_advantages.ipynb.
 """

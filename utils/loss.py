@@ -17,7 +17,7 @@ from utils.checks import check_clip_eps, check_finite, check_float, check_mask, 
 from utils.masking import masked_mean, masked_sum
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
-# Every reduction the trainers name (notebooks/11_group_advantages.ipynb derives them): verl's ``loss_agg_mode``
+# Every reduction the trainers name (notebooks/11_groups_and_aggregation.ipynb derives them): verl's ``loss_agg_mode``
 # (verl/trainer/ppo/core_algos.py ``agg_loss`` at 1dda039b) and TRL's ``loss_type`` (trl/trainer/grpo_trainer.py
 # ``_compute_loss`` at f2cd5771), each TRL name mapped to the verl mode it computes.
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")

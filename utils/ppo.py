@@ -68,7 +68,7 @@ class ActorConfig:
     """b before the first rollout"""
     kl_loss_coef: float = 0.0
     """coefficient of a second KL term added to the *loss* instead of the reward (verl ``use_kl_loss``, OpenRLHF
-    ``--use_kl_loss``, GRPO): kl_loss_coef * mean over tokens of KL(pi_theta || pi_ref), differentiated directly.
+    ``--algo.kl.use_loss``, whose default estimator k1 has zero expected gradient as a loss, GRPO): kl_loss_coef * mean over tokens of KL(pi_theta || pi_ref), differentiated directly.
     0 = off (the seed note's recipe: KL only in the reward)"""
     kl_loss_estimator: str = "k3"
     """estimator for the loss term ("k3" is verl's low_var_kl)"""
