@@ -20,13 +20,7 @@ from utils.rewards import LaggedReward, WordReward
 PROMPT = "ROMEO.\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 1.35M-parameter model gains nothing from 2 threads, and on a busy machine they spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
