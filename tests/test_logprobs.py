@@ -36,28 +36,63 @@ def naive_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 SHAPES = [(7, 13), (3, 5, 11), (2, 3, 4, 9), (1, 2), (37, 3, 997)]
 
 
+@pytest.fixture(params=["one_call", "chunked"])
+def path(request, monkeypatch):
+    """Run a test on both code paths: one fused call (the default below 8M logits) and the chunked path
+    (forward chunk by chunk into a workspace, backward recomputing the softmax), forced at small sizes by
+    shrinking the thresholds so that every test input is several chunks with a ragged last one."""
+    if request.param == "chunked":
+        monkeypatch.setattr(lp_mod, "_ONE_CALL_ELEMENTS", 40)
+        monkeypatch.setattr(lp_mod, "_CHUNK_ELEMENTS", 30)
+    return request.param
+
+
 @pytest.mark.parametrize("shape,temperature", [(s, t) for s in SHAPES for t in (1.0, 0.7, 2.5)] + [((1001, 5000), 0.7), ((3, 999, 997), 1.3)])
-def test_logprobs_match_naive(shape, temperature):
+def test_logprobs_match_naive(shape, temperature, path):
     g = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(*shape, generator=g)
     labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
-    got = logprobs_from_logits(logits, labels, temperature)
-    assert got.shape == labels.shape
-    torch.testing.assert_close(got, naive_logprobs(logits, labels, temperature), atol=1e-5, rtol=1e-5)
+    for grad in (False, True):  # under no_grad, and through the autograd Function
+        got = logprobs_from_logits(logits.clone().requires_grad_(grad), labels, temperature)
+        assert got.shape == labels.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.detach(), naive_logprobs(logits, labels, temperature), atol=1e-5, rtol=1e-5)
 
 
-def test_large_vocab_is_chunked_with_a_ragged_last_chunk():
-    # (1001, 5000) and (3, 999, 997) above must exercise the chunked path: several chunks, the last one shorter
-    step = lp_mod._row_chunks(1001, 5000)
-    assert 1 < step < 1001 and 1001 % step != 0
-    step = lp_mod._row_chunks(2997, 997)
-    assert 1 < step < 2997 and 2997 % step != 0
+def test_chunk_rule():
+    # up to 8M logits one call covers every row; above, chunks of at most 4M logits, the last one ragged
+    assert lp_mod._rows_per_chunk(24, 4096) == 24
+    assert lp_mod._rows_per_chunk(128, 50257) == 128  # 6.4M logits: one call
+    assert lp_mod._rows_per_chunk(2048, 50257) == 83  # 2**22 // 50257
+    assert lp_mod._rows_per_chunk(1, 10**8) == 1  # a single row larger than a chunk is still one row
 
 
-def test_small_inputs_are_one_chunk():
-    # a 24-token response over a 4,096-token vocabulary: chunking would only add per-call cost
-    assert lp_mod._row_chunks(24, 4096) >= 24
-    assert lp_mod._row_chunks(128, 50257) == 16  # GPT-2 vocabulary: 1/8 of the rows
+def test_chunked_path_is_forced_by_the_fixture(monkeypatch):
+    monkeypatch.setattr(lp_mod, "_ONE_CALL_ELEMENTS", 40)
+    monkeypatch.setattr(lp_mod, "_CHUNK_ELEMENTS", 30)
+    step = lp_mod._rows_per_chunk(7, 13)
+    assert 1 < step < 7 and 7 % step != 0
+
+
+def test_tiny_label_probability_falls_back_to_log_softmax(path):
+    # p[label] = e^-200 underflows in fp32; the one-call path takes log p from a log-softmax for that row
+    logits = torch.tensor([[0.0, 200.0, -5.0], [1.0, 2.0, 3.0]], requires_grad=True)
+    labels = torch.tensor([0, 2])
+    got = logprobs_from_logits(logits, labels)
+    torch.testing.assert_close(got.detach(), naive_logprobs(logits.detach(), labels), atol=1e-5, rtol=1e-6)
+    assert got[0].item() == pytest.approx(-200.0)
+    got.sum().backward()
+    ref = logits.detach().clone().requires_grad_(True)
+    naive_logprobs(ref, labels).sum().backward()
+    torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_second_backward_is_refused():
+    # the one-call path turns its softmax buffer into the gradient: a second backward would be wrong, so it raises
+    logits = torch.randn(3, 5, requires_grad=True)
+    out = logprobs_from_logits(logits, torch.tensor([0, 1, 2])).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.backward()
 
 
 def test_logprobs_hand_worked():
@@ -79,7 +114,7 @@ def test_logprobs_stable_for_huge_logits():
 
 
 @pytest.mark.parametrize("shape,temperature", [((4, 6, 17), 1.0), ((300, 50), 0.7), ((1000, 5000), 1.3)])
-def test_logprobs_gradient_matches_naive(shape, temperature):
+def test_logprobs_gradient_matches_naive(shape, temperature, path):
     g = torch.Generator().manual_seed(1)
     base = 3 * torch.randn(*shape, generator=g)
     labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
@@ -94,7 +129,7 @@ def test_logprobs_gradient_matches_naive(shape, temperature):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,temperature", [((5, 9, 33), 1.0), ((1001, 5000), 0.7)])
-def test_half_precision_gradient_matches_float32_autograd(dtype, shape, temperature):
+def test_half_precision_gradient_matches_float32_autograd(dtype, shape, temperature, path):
     # the bf16/fp16 branch of the hand-written backward (softmax in fp32 chunk by chunk, stored in the logits'
     # dtype) against autograd through log_softmax of the same logits upcast to float32; (1001, 5000) is several
     # chunks with a ragged last one. The tolerance is the half-precision rounding of the stored gradient.
@@ -115,7 +150,7 @@ def test_half_precision_gradient_matches_float32_autograd(dtype, shape, temperat
     assert float((logits.grad.float() - ref.grad).abs().max()) > 0  # it really ran in half precision
 
 
-def test_logprobs_does_not_modify_logits():
+def test_logprobs_does_not_modify_logits(path):
     logits = torch.randn(5, 7)
     before = logits.clone()
     logprobs_from_logits(logits, torch.zeros(5, dtype=torch.long), temperature=0.5)
@@ -134,9 +169,10 @@ def test_logprobs_empty_batch():
     (torch.tensor([[0, -1, 2], [0, 0, 0]]), r"\[0, 7\)"),  # negative label
     (torch.zeros(2, 3), "integer"),  # float labels
 ])
-def test_logprobs_bad_labels_raise(labels, match):
-    with pytest.raises(ValueError, match=match):
-        logprobs_from_logits(torch.randn(2, 3, 7), labels)
+def test_logprobs_bad_labels_raise(labels, match, path):
+    for grad in (False, True):  # the no-grad forward and the autograd Function
+        with pytest.raises(ValueError, match=match):
+            logprobs_from_logits(torch.randn(2, 3, 7, requires_grad=grad), labels)
 
 
 @pytest.mark.parametrize("temperature", [0, 0.0, -1.0, float("inf"), float("nan"), "1.0", None])
@@ -146,18 +182,20 @@ def test_logprobs_bad_temperature_raises(temperature):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_logprobs_non_finite_logits_raise(bad):
+def test_logprobs_non_finite_logits_raise(bad, path):
     logits = torch.randn(3, 6)
     logits[1, 4] = bad  # not the label's own slot: it still poisons the row's logsumexp
-    with pytest.raises(ValueError, match="NaN or inf"):
-        logprobs_from_logits(logits, torch.tensor([0, 1, 2]))
+    for grad in (False, True):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            logprobs_from_logits(logits.clone().requires_grad_(grad), torch.tensor([0, 1, 2]))
 
 
-def test_logprobs_minus_inf_at_the_label_raises():
+def test_logprobs_minus_inf_at_the_label_raises(path):
     logits = torch.randn(2, 6)
     logits[0, 3] = float("-inf")  # a token the sampler could never have chosen
-    with pytest.raises(ValueError, match="NaN or inf"):
-        logprobs_from_logits(logits, torch.tensor([3, 1]))
+    for grad in (False, True):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            logprobs_from_logits(logits.clone().requires_grad_(grad), torch.tensor([3, 1]))
 
 
 # ----------------------------------------------------------------------------- entropy_from_logits

@@ -11,17 +11,16 @@ import torch
 
 from utils.models import context_length
 
-_CHUNK_ELEMENTS = 2**22  # at most 4M logits (16 MiB in fp32) of temporaries at a time
+_ONE_CALL_ELEMENTS = 2**23  # up to 8M logits (32 MiB in fp32): one fused call over all rows
+_CHUNK_ELEMENTS = 2**22  # above that, the forward reuses one workspace of at most 4M logits (16 MiB in fp32)
+_TINY = 2.0**-100  # p[label] below this (log p < -69) is recomputed as a log-softmax: p could underflow
 
 
-_MIN_CHUNK_ELEMENTS = 2**18  # below 1 MiB a chunk saves nothing worth its fixed per-call cost
-
-
-def _row_chunks(n_rows: int, vocab: int) -> int:
-    """Rows per chunk: at most 1/8 of all rows and at most _CHUNK_ELEMENTS logits, but never under
-    _MIN_CHUNK_ELEMENTS logits (a 24-token response over 4,096 tokens is one chunk, not eight)."""
-    rows = min(math.ceil(n_rows / 8), _CHUNK_ELEMENTS // vocab)
-    return max(1, rows, math.ceil(_MIN_CHUNK_ELEMENTS / vocab))
+def _rows_per_chunk(n_rows: int, vocab: int) -> int:
+    """All rows while they fit _ONE_CALL_ELEMENTS, else as many as fit _CHUNK_ELEMENTS (at least one)."""
+    if n_rows * vocab <= _ONE_CALL_ELEMENTS:
+        return max(1, n_rows)
+    return max(1, _CHUNK_ELEMENTS // vocab)
 
 
 def _check_temperature(temperature: float) -> float:
@@ -30,71 +29,146 @@ def _check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-class _SelectedLogProbs(torch.autograd.Function):
-    """log softmax(x / tau)[y] by chunks of rows (tau: the temperature), with a hand-written backward.
+def _scaled(rows: torch.Tensor, tau: float, out: torch.Tensor) -> torch.Tensor:
+    """The rows as fp32 ``rows / tau``: ``rows`` itself when nothing changes, else written into ``out``."""
+    if rows.dtype == torch.float32:
+        return rows if tau == 1.0 else torch.div(rows, tau, out=out)
+    return out.copy_(rows).div_(tau)  # bf16/fp16: upcast first, so x / tau is not rounded to half precision
 
-    Letting autograd differentiate a loop over ``flat[i:i+k]`` slices would give one
-    backward node per chunk, each allocating a zero-filled [N, V] gradient
-    (notebook 08 measures it). Here backward writes ``grad_out * (onehot - softmax) / tau`` into the
-    single [N, V] gradient buffer that any method must return: for fp32 logits in one in-place
-    pass over that buffer (no temporaries), for bf16/fp16 logits chunk by chunk (softmax in fp32,
-    stored in the logits' dtype).
+
+def _forward_chunks(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """log softmax(flat / tau)[labels] for flat [N, V], labels [N] -> [N] fp32, with no [N, V] kept.
+
+    One fused log_softmax per chunk of rows, written into one reused workspace (a fresh [N, V] output
+    would cost its page faults), then a gather of the N values we need.
+    """
+    N, V = flat.shape
+    step = _rows_per_chunk(N, V)
+    work = torch.empty((min(step, N), V), dtype=torch.float32, device=flat.device)
+    out = torch.empty(N, dtype=torch.float32, device=flat.device)
+    for i in range(0, N, step):
+        buf = work[: min(step, N - i)]
+        torch.log_softmax(_scaled(flat[i : i + step], tau, buf), -1, out=buf)
+        torch.gather(buf, -1, labels[i : i + step, None], out=out[i : i + step, None])
+    return out
+
+
+class _SelectedLogProbs(torch.autograd.Function):
+    """log softmax(x / tau)[y] (tau: the temperature) with a hand-written backward.
+
+    The gradient is ``g * (onehot(y) - softmax(x / tau)) / tau`` for an upstream gradient g: one [N, V]
+    tensor, which any method must return. Its softmax comes one of two ways:
+
+    * up to _ONE_CALL_ELEMENTS logits, the forward computes softmax(x / tau) itself (one fused kernel) and
+      keeps it; log p[y] is the log of the N picked values. The backward scales that very buffer by -g and
+      adds g at the labels, in place: one pass and no allocation, as the buffer is the gradient;
+    * above it the forward keeps only logsumexp per row, and the backward recomputes
+      exp(x / tau - lse) into a fresh [N, V] (fp32: three in-place passes over it, no temporaries;
+      bf16/fp16: chunk by chunk, softmax in fp32, stored in the logits' dtype).
+
+    Differentiable once: the first backward spends the kept buffer.
     """
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor, labels: torch.Tensor, tau: float, step: int) -> torch.Tensor:
-        # flat: [N, V] logits, labels: [N]. One fused log_softmax per chunk (faster than logsumexp on CPU);
-        # the maths runs in fp32 even for bf16 logits (a bf16 log-softmax is off by ~0.04 nats, notebook 08).
-        out = []
-        for rows, y in zip(flat.split(step), labels.split(step)):
-            rows = rows.float() if tau == 1.0 else rows.float() / tau
-            out.append(torch.log_softmax(rows, dim=-1).gather(-1, y[:, None]).squeeze(-1))
-        logp = torch.cat(out)  # [N]
-        lse = flat.gather(-1, labels[:, None]).squeeze(-1).float() / tau - logp  # logsumexp(x/tau), per row
-        ctx.save_for_backward(flat, labels, lse)
-        ctx.tau, ctx.step = tau, step
+    def forward(ctx, flat: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+        N, V = flat.shape
+        ctx.tau, ctx.dtype, ctx.probs = tau, flat.dtype, None
+        if N * V > _ONE_CALL_ELEMENTS:
+            logp = _forward_chunks(flat, labels, tau)
+            _check_finite(logp)
+            lse = flat.gather(-1, labels[:, None]).squeeze(-1).float() / tau - logp  # logsumexp(x / tau) per row
+            ctx.save_for_backward(labels, flat, lse)
+            return logp
+        probs = torch.empty((N, V), dtype=torch.float32, device=flat.device)
+        torch.softmax(_scaled(flat, tau, probs), -1, out=probs)  # in place when it had to be scaled
+        p = probs.gather(-1, labels[:, None]).squeeze(-1)  # [N]
+        logp = p.log()
+        if not p.min() >= _TINY:  # a label with log p < -69 (its p may have underflowed), or NaN
+            low = ~(p >= _TINY)
+            logp[low] = _forward_chunks(flat[low], labels[low], tau)  # exact log-softmax for those rows
+            _check_finite(logp)
+        ctx.probs = probs
+        ctx.save_for_backward(labels)
         return logp
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        flat, labels, lse = ctx.saved_tensors
         tau = ctx.tau
-        g = grad_out.float() / tau  # [N]: d/dx of x/tau brings a 1/tau, so g already holds it
-        grad = torch.empty_like(flat)  # [N, V]: the one full-size tensor any method must return
-        if flat.dtype == torch.float32:  # -g * softmax(x/tau), written in place: no temporaries, no chunks needed
-            torch.div(flat, tau, out=grad).sub_(lse[:, None]).exp_().mul_(-g[:, None])
-        else:  # bf16/fp16: softmax in fp32 one chunk at a time, stored in the logits' dtype
-            for i in range(0, flat.shape[0], ctx.step):
-                s = slice(i, i + ctx.step)
-                grad[s] = (flat[s].float() / tau - lse[s, None]).exp_().mul_(-g[s, None])
-        grad.scatter_add_(-1, labels[:, None], g[:, None].to(grad.dtype))  # + g at each label (the onehot term)
-        return grad, None, None, None
+        g = grad_out.float() if tau == 1.0 else grad_out.float() / tau  # [N]: d(x / tau)/dx brings a 1/tau
+        if len(ctx.saved_tensors) == 3:  # large: recompute the softmax
+            labels, flat, lse = ctx.saved_tensors
+            grad = torch.empty_like(flat)  # [N, V]
+            if flat.dtype == torch.float32:  # -g * exp(x / tau - lse), three passes in place
+                if tau == 1.0:
+                    torch.sub(flat, lse[:, None], out=grad)
+                else:
+                    torch.add(-lse[:, None], flat, alpha=1 / tau, out=grad)
+                grad.exp_().mul_(-g[:, None])
+            else:  # bf16/fp16: the softmax in fp32 a chunk at a time, stored in the logits' dtype
+                step = _CHUNK_ELEMENTS // flat.shape[1] or 1
+                for i in range(0, flat.shape[0], step):
+                    s = slice(i, i + step)
+                    grad[s] = (flat[s].float() / tau - lse[s, None]).exp_().mul_(-g[s, None])
+            grad.scatter_add_(-1, labels[:, None], g[:, None].to(grad.dtype))  # + g at each label: the onehot term
+            return grad, None, None
+        (labels,) = ctx.saved_tensors
+        grad, ctx.probs = ctx.probs, None
+        if grad is None:
+            raise RuntimeError("logprobs_from_logits: a second backward through one forward; the first turned its "
+                               "softmax buffer into the gradient. Run the forward again instead of retain_graph=True")
+        grad.mul_(-g[:, None])  # softmax -> -g * softmax, in place
+        grad.scatter_add_(-1, labels[:, None], g[:, None])  # + g at each label: the onehot term
+        return grad.to(ctx.dtype), None, None
+
+
+def _check_finite(logp: torch.Tensor) -> None:
+    # finite logits give log p <= 0; min() propagates NaN and keeps -inf, so one reduction checks every value
+    if logp.device.type == "cpu":
+        if not math.isfinite(logp.detach().min()):
+            raise ValueError("logits hold NaN or inf: the log-probabilities are not finite")
+    else:  # on the device, without a host sync
+        torch._assert_async(torch.isfinite(logp).all(), "logits hold NaN or inf: the log-probabilities are not finite")
+
+
+def _check_labels(labels: torch.Tensor, V: int) -> None:
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo < 0 or hi >= V:
+        raise ValueError(f"labels must lie in [0, {V}) (the vocabulary), got range [{lo}, {hi}]")
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[label], without a full log-softmax copy.
+    """log softmax(logits / temperature)[label]: the log-probability of each label, exact and fast.
 
-    logits: [..., V]; labels: [...] (same leading shape) -> [...] float32.
-    Computes ``logit[label]/tau - logsumexp(logits/tau)`` (tau = ``temperature``) over chunks of
-    rows, so the forward's only [rows, V] temporaries are one chunk's (the idea of TRL's
-    ``selective_log_softmax``); the backward writes the [N, V] gradient in place (fp32) or by
-    chunks (bf16/fp16). Exact, differentiable (once).
+    logits: [..., V]; labels: [...] (same leading shape) -> [...] float32 (the maths runs in fp32 for bf16/fp16
+    logits too: a bf16 log-softmax is off by ~0.04 nats, notebook 08).
+    Up to 8M logits this is one fused kernel; above, one log-softmax per chunk of rows into a reused
+    workspace, so no [N, V] copy is made (the idea of TRL's ``selective_log_softmax``). The backward is
+    written by hand (``_SelectedLogProbs``). Differentiable once. Notebook 08 measures it against the
+    trainers' versions.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"shape mismatch: logits{list(logits.shape)} needs labels{list(logits.shape[:-1])}, got labels{list(labels.shape)}")
     if labels.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
-    V = logits.shape[-1]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= V):
-        raise ValueError(f"labels must lie in [0, {V}) (the vocabulary), got range [{int(labels.min())}, {int(labels.max())}]")
     tau = _check_temperature(temperature)
+    V = logits.shape[-1]
     if labels.numel() == 0:
         return logits.new_zeros(labels.shape, dtype=torch.float32)
     flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1).long()  # [N, V], [N]
-    result = _SelectedLogProbs.apply(flat, flat_labels, tau, _row_chunks(flat.shape[0], V)).reshape(labels.shape)
-    if not bool(torch.isfinite(result).all()):
-        raise ValueError("logits hold NaN or inf: the log-probabilities are not finite")
-    return result
+    on_cpu = flat.device.type == "cpu"
+    if not on_cpu:  # checked on the device, without a host sync
+        torch._assert_async((flat_labels >= 0).all() & (flat_labels < V).all(), f"labels must lie in [0, {V})")
+    try:
+        if logits.requires_grad and torch.is_grad_enabled():
+            result = _SelectedLogProbs.apply(flat, flat_labels, tau)  # checks its own output
+        else:
+            result = _forward_chunks(flat, flat_labels, tau)
+            _check_finite(result)
+    except RuntimeError:  # on the CPU, gather refuses a label outside [0, V): say so in our words
+        if on_cpu:
+            _check_labels(flat_labels, V)
+        raise
+    return result.reshape(labels.shape)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -102,7 +176,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     tau = _check_temperature(temperature)
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
-    step = _row_chunks(flat.shape[0], V)
+    step = _rows_per_chunk(flat.shape[0], V)
     out = []
     for i in range(0, flat.shape[0], step):
         rows = flat[i : i + step] / tau
