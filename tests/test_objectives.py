@@ -195,7 +195,7 @@ def test_ppo_matches_policy_loss():
         a, ia = O.objective_loss("clip_higher", lp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28, agg=agg)
         b, ib = policy_loss(lp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28, agg=agg)
         torch.testing.assert_close(a, b)
-        assert abs(ia["clip_frac"] - ib["clip_frac"]) < 1e-12
+        assert abs(ia["clip_frac"] - ib["clip_frac"]) < 1e-7  # the same fraction, summed in fp32 in two orders
 
 
 def test_cispo_never_zeroes_a_gradient():

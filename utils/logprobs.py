@@ -53,6 +53,24 @@ def _forward_chunks(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> tor
     return out
 
 
+def _softmax_pick(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused softmax(flat / tau) -> (log p[labels] [N] fp32, the softmax [N, V] fp32), with or without grad.
+
+    log p is the log of the N picked probabilities; a p below _TINY (log p < -69, where p could have
+    underflowed) and NaN rows get an exact log-softmax instead. The same code serves the no-grad forward and
+    the autograd one, so old and new log-probs of the same fp32 model agree bit for bit (a ratio of exactly 1).
+    """
+    probs = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    torch.softmax(_scaled(flat, tau, probs), -1, out=probs)  # in place when it had to be scaled
+    p = probs.gather(-1, labels[:, None]).squeeze(-1)  # [N]
+    logp = p.log()
+    if not p.min() >= _TINY:  # rare: an unlikely label, or NaN
+        low = ~(p >= _TINY)
+        logp[low] = _forward_chunks(flat[low], labels[low], tau)
+        _check_finite(logp)
+    return logp, probs
+
+
 class _SelectedLogProbs(torch.autograd.Function):
     """log softmax(x / tau)[y] (tau: the temperature) with a hand-written backward.
 
@@ -79,15 +97,7 @@ class _SelectedLogProbs(torch.autograd.Function):
             lse = flat.gather(-1, labels[:, None]).squeeze(-1).float() / tau - logp  # logsumexp(x / tau) per row
             ctx.save_for_backward(labels, flat, lse)
             return logp
-        probs = torch.empty((N, V), dtype=torch.float32, device=flat.device)
-        torch.softmax(_scaled(flat, tau, probs), -1, out=probs)  # in place when it had to be scaled
-        p = probs.gather(-1, labels[:, None]).squeeze(-1)  # [N]
-        logp = p.log()
-        if not p.min() >= _TINY:  # a label with log p < -69 (its p may have underflowed), or NaN
-            low = ~(p >= _TINY)
-            logp[low] = _forward_chunks(flat[low], labels[low], tau)  # exact log-softmax for those rows
-            _check_finite(logp)
-        ctx.probs = probs
+        logp, ctx.probs = _softmax_pick(flat, labels, tau)
         ctx.save_for_backward(labels)
         return logp
 
@@ -161,6 +171,8 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     try:
         if logits.requires_grad and torch.is_grad_enabled():
             result = _SelectedLogProbs.apply(flat, flat_labels, tau)  # checks its own output
+        elif flat.numel() <= _ONE_CALL_ELEMENTS:
+            result, _ = _softmax_pick(flat, flat_labels, tau)  # checks its own output
         else:
             result = _forward_chunks(flat, flat_labels, tau)
             _check_finite(result)

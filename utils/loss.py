@@ -179,21 +179,21 @@ def policy_loss(
     per_token = clipped_surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
     loss = aggregate(per_token, action_mask, agg, normalizer)
 
-    with torch.no_grad():
+    with torch.no_grad():  # the diagnostics, over the kept tokens, read back in one go (one .tolist())
         eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         clipped = (ratio.clamp(1 - clip_eps, 1 + eps_high) * adv) < ratio * adv  # surr2 < surr1: min picks the clip
         keep = action_mask if action_mask is not None else torch.ones_like(ratio, dtype=torch.bool)
-        r = ratio[keep]
-        info = {
-            "clip_frac": float(masked_mean(clipped.float(), keep)),
-            "approx_kl_k1": float(masked_mean(-log_ratio, keep)),
-            "approx_kl_k3": float(masked_mean(ratio - 1 - log_ratio, keep)),
-            "ratio_mean": float(r.mean()),
-            "ratio_min": float(r.min()),
-            "ratio_max": float(r.max()),
-        }
+        w = keep.to(ratio.dtype)
+        sums = [clipped.to(ratio.dtype), -log_ratio, ratio - 1 - log_ratio, ratio]  # clip, k1, k3, ratio
         if dual_clip is not None:
-            info["dual_clip_frac"] = float(masked_mean(((adv < 0) & (-ratio * adv > -dual_clip * adv)).float(), keep))
+            sums.append(((adv < 0) & (-ratio * adv > -dual_clip * adv)).to(ratio.dtype))
+        means = (torch.stack(sums) * w).sum(dim=tuple(range(1, ratio.dim() + 1))) / w.sum()
+        extremes = torch.stack([torch.where(keep, ratio, torch.inf).min(), torch.where(keep, ratio, -torch.inf).max()])
+        vals = torch.cat([means, extremes]).tolist()
+        info = {"clip_frac": vals[0], "approx_kl_k1": vals[1], "approx_kl_k3": vals[2], "ratio_mean": vals[3],
+                "ratio_min": vals[-2], "ratio_max": vals[-1]}
+        if dual_clip is not None:
+            info["dual_clip_frac"] = vals[4]
     return loss, info
 
 
