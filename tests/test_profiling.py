@@ -149,3 +149,16 @@ def test_peak_rss_delta_says_when_the_platform_cannot_measure(monkeypatch):
         peak_rss_delta("pass", "buf = b'x' * 1024")
     monkeypatch.setattr(sys, "platform", "linux")
     assert rss_method() == "VmHWM"
+
+
+def test_time_interleaved_shuffles_the_order_per_round():
+    seen = []
+    fns = {k: (lambda k=k: seen.append(k)) for k in "abcd"}
+    out = time_interleaved(fns, repeats=6, warmup=0, shuffle=0)
+    rounds = [seen[i : i + 4] for i in range(0, 24, 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)  # every function once per round
+    assert len({tuple(r) for r in rounds}) > 1  # not the same order every round
+    assert all(len(t.times) == 6 for t in out.values())
+    seen.clear()
+    time_interleaved(fns, repeats=2, warmup=0)
+    assert seen == list("abcdabcd")  # without a seed: the given order

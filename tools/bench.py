@@ -174,7 +174,7 @@ def bench_logprobs(V: int, B: int, T: int, backward: bool, repeats: int | None =
              else (lambda: torch.exp(logits, out=buf))}
     peaks = {name: peak_memory(call) for name, call in calls.items()}  # also the warm-up calls
     floor["floor"]()
-    times = time_interleaved({**calls, **floor}, repeats=repeats, warmup=0)  # in turns
+    times = time_interleaved({**calls, **floor}, repeats=repeats, warmup=0, shuffle=0)  # in turns, random order
     grad_bytes = logits_bytes if backward else 0  # the gradient any method must return is not "extra"
     for name, fn in variants.items():
         with torch.set_grad_enabled(backward):
@@ -245,7 +245,7 @@ def bench_machinery(model, B: int, P: int, R: int, repeats: int) -> dict:
            "policy_loss_only": loss_only, "loss_math_only": loss_math_only}
     for fn in fns.values():
         fn()  # warm-up
-    timings = time_interleaved(fns, repeats=repeats, warmup=0)  # in turns: load bursts hit all alike
+    timings = time_interleaved(fns, repeats=repeats, warmup=0, shuffle=0)  # in turns, random order
     row = {"B": B, "prompt_len": P, "response_len": R, "vocab": V}
     for name, t in timings.items():
         row[name] = _summary(t)
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         mach_sizes, mach_repeats = [(1, 4, 8)], 2
     else:
         lp_sizes, lp_repeats = SIZES, None
-        mach_sizes, mach_repeats = [(1, 4, 24), (16, 4, 64)], 41
+        mach_sizes, mach_repeats = [(1, 4, 24), (16, 4, 64)], 81
 
     report: dict = {
         "meta": {"torch": md.version("torch"), "transformers": md.version("transformers"), "threads": args.threads,

@@ -29,10 +29,14 @@ def _check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def _scaled(rows: torch.Tensor, tau: float, out: torch.Tensor) -> torch.Tensor:
-    """The rows as fp32 ``rows / tau``: ``rows`` itself when nothing changes, else written into ``out``."""
+def _scaled(rows: torch.Tensor, tau: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows as fp32 ``rows / tau``: ``rows`` itself when nothing changes, else written into ``out`` (or new)."""
+    if rows.dtype == torch.float32 and tau == 1.0:
+        return rows
+    if out is None:
+        out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     if rows.dtype == torch.float32:
-        return rows if tau == 1.0 else torch.div(rows, tau, out=out)
+        return torch.div(rows, tau, out=out)
     return out.copy_(rows).div_(tau)  # bf16/fp16: upcast first, so x / tau is not rounded to half precision
 
 
@@ -54,19 +58,19 @@ def _forward_chunks(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> tor
 
 
 def _softmax_pick(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused softmax(flat / tau) -> (log p[labels] [N] fp32, the softmax [N, V] fp32), with or without grad.
+    """One fused softmax(flat / tau) -> (log p[labels] [N, 1] fp32, the softmax [N, V] fp32), with or without grad.
 
     log p is the log of the N picked probabilities; a p below _TINY (log p < -69, where p could have
     underflowed) and NaN rows get an exact log-softmax instead. The same code serves the no-grad forward and
     the autograd one, so old and new log-probs of the same fp32 model agree bit for bit (a ratio of exactly 1).
     """
-    probs = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    torch.softmax(_scaled(flat, tau, probs), -1, out=probs)  # in place when it had to be scaled
-    p = probs.gather(-1, labels[:, None]).squeeze(-1)  # [N]
+    z = _scaled(flat, tau)
+    probs = torch.softmax(z, -1) if z is flat else torch.softmax(z, -1, out=z)  # in place on a scaled copy
+    p = probs.gather(-1, labels[:, None])  # [N, 1]
     logp = p.log()
     if not p.min() >= _TINY:  # rare: an unlikely label, or NaN
-        low = ~(p >= _TINY)
-        logp[low] = _forward_chunks(flat[low], labels[low], tau)
+        low = ~(p.view(-1) >= _TINY)
+        logp.view(-1)[low] = _forward_chunks(flat[low], labels[low], tau)
         _check_finite(logp)
     return logp, probs
 
@@ -104,7 +108,8 @@ class _SelectedLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         tau = ctx.tau
-        g = grad_out.float() if tau == 1.0 else grad_out.float() / tau  # [N]: d(x / tau)/dx brings a 1/tau
+        g = grad_out.reshape(-1, 1).float()  # [N, 1]
+        g = g if tau == 1.0 else g / tau  # d(x / tau)/dx brings a 1/tau
         if len(ctx.saved_tensors) == 3:  # large: recompute the softmax
             labels, flat, lse = ctx.saved_tensors
             grad = torch.empty_like(flat)  # [N, V]
@@ -113,21 +118,21 @@ class _SelectedLogProbs(torch.autograd.Function):
                     torch.sub(flat, lse[:, None], out=grad)
                 else:
                     torch.add(-lse[:, None], flat, alpha=1 / tau, out=grad)
-                grad.exp_().mul_(-g[:, None])
+                grad.exp_().mul_(-g)
             else:  # bf16/fp16: the softmax in fp32 a chunk at a time, stored in the logits' dtype
                 step = _CHUNK_ELEMENTS // flat.shape[1] or 1
                 for i in range(0, flat.shape[0], step):
                     s = slice(i, i + step)
-                    grad[s] = (flat[s].float() / tau - lse[s, None]).exp_().mul_(-g[s, None])
-            grad.scatter_add_(-1, labels[:, None], g[:, None].to(grad.dtype))  # + g at each label: the onehot term
+                    grad[s] = (flat[s].float() / tau - lse[s, None]).exp_().mul_(-g[s])
+            grad.scatter_add_(-1, labels[:, None], g.to(grad.dtype))  # + g at each label: the onehot term
             return grad, None, None
         (labels,) = ctx.saved_tensors
         grad, ctx.probs = ctx.probs, None
         if grad is None:
             raise RuntimeError("logprobs_from_logits: a second backward through one forward; the first turned its "
                                "softmax buffer into the gradient. Run the forward again instead of retain_graph=True")
-        grad.mul_(-g[:, None])  # softmax -> -g * softmax, in place
-        grad.scatter_add_(-1, labels[:, None], g[:, None])  # + g at each label: the onehot term
+        grad.mul_(-g)  # softmax -> -g * softmax, in place
+        grad.scatter_add_(-1, labels[:, None], g)  # + g at each label: the onehot term
         return grad.to(ctx.dtype), None, None
 
 

@@ -163,37 +163,37 @@ def policy_loss(
     clip_eps, clip_eps_high, dual_clip = _check_clip_args(clip_eps, clip_eps_high, dual_clip)
     if clip_eps is None:  # no clip at all: clamping at +-inf is the identity
         clip_eps = clip_eps_high = float("inf")
-    # every position, masked ones too: an inf there would still turn the gradient into NaN (0 * inf)
-    check_finite(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)
     if action_mask is not None:
         action_mask = check_mask(action_mask)
 
     log_ratio = log_probs - old_log_probs.detach()  # old policy is a constant: no gradient flows into it
     ratio = log_ratio.exp()  # pi_theta / pi_old, computed in log space (products of probs underflow)
-    if not bool(torch.isfinite(ratio).all()):
+    adv = advantages.detach()
+    # every position, masked ones too (an inf there would still turn the gradient into NaN: 0 * inf), in one pass:
+    # log_ratio is finite exactly when both log-probs are, and ratio unless exp overflowed
+    if not bool(torch.isfinite(torch.stack([log_ratio.detach(), ratio.detach(), adv])).all()):
+        check_finite(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)  # names the culprit
         raise ValueError(
             f"ratio overflowed: max |log_probs - old_log_probs| = {float(log_ratio.detach().abs().max()):.1f}; "
             "the policy moved far from the rollout policy (or the log-probs are misaligned)"
         )
-    adv = advantages.detach()
     per_token = clipped_surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
     loss = aggregate(per_token, action_mask, agg, normalizer)
 
-    with torch.no_grad():  # the diagnostics, over the kept tokens, read back in one go (one .tolist())
+    with torch.no_grad():  # the diagnostics over the kept tokens, read back with one .tolist()
         eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         clipped = (ratio.clamp(1 - clip_eps, 1 + eps_high) * adv) < ratio * adv  # surr2 < surr1: min picks the clip
-        keep = action_mask if action_mask is not None else torch.ones_like(ratio, dtype=torch.bool)
-        w = keep.to(ratio.dtype)
-        sums = [clipped.to(ratio.dtype), -log_ratio, ratio - 1 - log_ratio, ratio]  # clip, k1, k3, ratio
+        kept = slice(None) if action_mask is None else action_mask.nonzero(as_tuple=True)
+        r, k1 = ratio[kept], -log_ratio[kept]  # [n] over the kept tokens
+        stats = [clipped[kept].to(r.dtype).mean(), k1.mean(), r.mean(), r.min(), r.max()]
         if dual_clip is not None:
-            sums.append(((adv < 0) & (-ratio * adv > -dual_clip * adv)).to(ratio.dtype))
-        means = (torch.stack(sums) * w).sum(dim=tuple(range(1, ratio.dim() + 1))) / w.sum()
-        extremes = torch.stack([torch.where(keep, ratio, torch.inf).min(), torch.where(keep, ratio, -torch.inf).max()])
-        vals = torch.cat([means, extremes]).tolist()
-        info = {"clip_frac": vals[0], "approx_kl_k1": vals[1], "approx_kl_k3": vals[2], "ratio_mean": vals[3],
-                "ratio_min": vals[-2], "ratio_max": vals[-1]}
+            stats.append(((adv < 0) & (-ratio * adv > -dual_clip * adv))[kept].to(r.dtype).mean())
+        vals = torch.stack(stats).tolist()
+        info = {"clip_frac": vals[0], "approx_kl_k1": vals[1],
+                "approx_kl_k3": vals[2] - 1 + vals[1],  # mean(r - 1 - log r) = mean(r) - 1 + k1, exactly
+                "ratio_mean": vals[2], "ratio_min": vals[3], "ratio_max": vals[4]}
         if dual_clip is not None:
-            info["dual_clip_frac"] = vals[4]
+            info["dual_clip_frac"] = vals[5]
     return loss, info
 
 

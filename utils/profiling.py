@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -130,11 +131,15 @@ def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timi
     return Timing(tuple(times))
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, Timing]:
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+                     shuffle: int | None = None) -> dict[str, Timing]:
     """Time several functions in turns (a, b, a, b, ...); return one Timing per name.
 
     Each function gets ``warmup`` untimed calls first. Interleaving makes the
     ratio of two medians robust to load that comes and goes on a shared machine.
+    ``shuffle``: a seed; each round then runs the functions in a fresh random order, so that no
+    function always follows the same one (a call can run slower or faster after a particular
+    neighbour: sleeping threads, caches). Round k of every Timing is still the same round.
     """
     if not fns:
         raise ValueError("fns is empty: nothing to time")
@@ -147,10 +152,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, war
             fn()
     gc.collect()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(shuffle)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        if shuffle is not None:
+            rng.shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: Timing(tuple(ts)) for name, ts in times.items()}
 
