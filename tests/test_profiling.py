@@ -162,3 +162,16 @@ def test_time_interleaved_shuffles_the_order_per_round():
     seen.clear()
     time_interleaved(fns, repeats=2, warmup=0)
     assert seen == list("abcdabcd")  # without a seed: the given order
+
+
+def test_top_ops_finds_the_expensive_operator():
+    import torch
+
+    from utils.profiling import top_ops
+
+    x = torch.randn(512, 512)
+    got = top_ops(lambda: (x @ x, x + 1), k=2)
+    assert len(got) == 2 and got[0][0] in ("aten::mm", "aten::matmul")  # a matmul beats one addition
+    assert all(count >= 1 and ms >= 0 for _, count, ms in got)
+    with pytest.raises(ValueError, match="k must be"):
+        top_ops(lambda: None, k=0)

@@ -180,6 +180,29 @@ def _quiet_stderr_fd() -> Iterator[None]:
         os.close(devnull)
 
 
+def top_ops(fn: Callable[[], object], k: int = 3) -> list[tuple[str, int, float]]:
+    """The ``k`` aten operators with the most self CPU time in one call of ``fn``: (name, calls, milliseconds).
+
+    Runs ``fn`` once under ``torch.profiler`` (warm it up first: a first call pays one-off costs).
+    "Self" time excludes the operators an operator calls, so the list shows where the work is done.
+    """
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    with _quiet_stderr_fd():
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr_fd():
+            prof.stop()
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    ops.sort(key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in ops[:k]]
+
+
 def _walk(nodes) -> Iterator:
     for node in nodes:
         yield node
