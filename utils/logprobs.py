@@ -13,6 +13,7 @@ from utils.models import context_length
 
 _ONE_CALL_ELEMENTS = 2**23  # up to 8M logits (32 MiB in fp32): one fused call over all rows
 _CHUNK_ELEMENTS = 2**22  # above that, the forward reuses one workspace of at most 4M logits (16 MiB in fp32)
+_TINY = 2.0**-100  # p[label] below this (log p < -69) is recomputed as a log-softmax: p could underflow
 
 
 def _rows_per_chunk(n_rows: int, vocab: int) -> int:
@@ -56,15 +57,22 @@ def _forward_chunks(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> tor
     return out
 
 
-def _log_softmax_pick(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused log_softmax(flat / tau) over all rows -> (its values at the labels [N, 1], the whole [N, V]).
+def _softmax_pick(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused softmax(flat / tau) -> (log p[labels] [N, 1] fp32, the softmax [N, V] fp32), with or without grad.
 
-    Both fp32. The same code serves the no-grad forward and the autograd one, so old and new log-probs of
-    the same fp32 model agree bit for bit (a ratio of exactly 1, notebook 06).
+    log p is the log of the N picked probabilities; a p below _TINY (log p < -69, where p could have
+    underflowed) and NaN rows get an exact log-softmax instead. The same code serves the no-grad forward and
+    the autograd one, so old and new log-probs of the same fp32 model agree bit for bit (a ratio of exactly 1).
     """
     z = _scaled(flat, tau)
-    full = torch.log_softmax(z, -1) if z is flat else torch.log_softmax(z, -1, out=z)  # in place on a scaled copy
-    return full.gather(-1, labels[:, None]), full
+    probs = torch.softmax(z, -1) if z is flat else torch.softmax(z, -1, out=z)  # in place on a scaled copy
+    p = probs.gather(-1, labels[:, None])  # [N, 1]
+    logp = p.log()
+    if not p.min() >= _TINY:  # rare: an unlikely label, or NaN
+        low = ~(p.view(-1) >= _TINY)
+        logp.view(-1)[low] = _forward_chunks(flat[low], labels[low], tau)
+        _check_finite(logp)
+    return logp, probs
 
 
 class _SelectedLogProbs(torch.autograd.Function):
@@ -73,9 +81,9 @@ class _SelectedLogProbs(torch.autograd.Function):
     The gradient is ``g * (onehot(y) - softmax(x / tau)) / tau`` for an upstream gradient g: one [N, V]
     tensor, which any method must return. Its softmax comes one of two ways:
 
-    * up to _ONE_CALL_ELEMENTS logits, the forward keeps the [N, V] log-softmax of its one fused call, and the
-      backward turns that very buffer into the gradient in place (exp, scale by -g, add g at the labels): no
-      allocation, as the buffer is the gradient it would have had to return;
+    * up to _ONE_CALL_ELEMENTS logits, the forward computes softmax(x / tau) itself (one fused kernel) and
+      keeps it; log p[y] is the log of the N picked values. The backward scales that very buffer by -g and
+      adds g at the labels, in place: one pass and no allocation, as the buffer is the gradient;
     * above it the forward keeps only logsumexp per row, and the backward recomputes
       exp(x / tau - lse) into a fresh [N, V] (fp32: three in-place passes over it, no temporaries;
       bf16/fp16: chunk by chunk, softmax in fp32, stored in the logits' dtype).
@@ -86,15 +94,14 @@ class _SelectedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
         N, V = flat.shape
-        ctx.tau, ctx.dtype, ctx.kept = tau, flat.dtype, None
+        ctx.tau, ctx.dtype, ctx.probs = tau, flat.dtype, None
         if N * V > _ONE_CALL_ELEMENTS:
             logp = _forward_chunks(flat, labels, tau)
             _check_finite(logp)
             lse = flat.gather(-1, labels[:, None]).squeeze(-1).float() / tau - logp  # logsumexp(x / tau) per row
             ctx.save_for_backward(labels, flat, lse)
             return logp
-        logp, ctx.kept = _log_softmax_pick(flat, labels, tau)
-        _check_finite(logp)
+        logp, ctx.probs = _softmax_pick(flat, labels, tau)
         ctx.save_for_backward(labels)
         return logp
 
@@ -120,11 +127,11 @@ class _SelectedLogProbs(torch.autograd.Function):
             grad.scatter_add_(-1, labels[:, None], g.to(grad.dtype))  # + g at each label: the onehot term
             return grad, None, None
         (labels,) = ctx.saved_tensors
-        grad, ctx.kept = ctx.kept, None
+        grad, ctx.probs = ctx.probs, None
         if grad is None:
             raise RuntimeError("logprobs_from_logits: a second backward through one forward; the first turned its "
-                               "log-softmax buffer into the gradient. Run the forward again instead of retain_graph=True")
-        grad.exp_().mul_(-g)  # log-softmax -> -g * softmax, in place
+                               "softmax buffer into the gradient. Run the forward again instead of retain_graph=True")
+        grad.mul_(-g)  # softmax -> -g * softmax, in place
         grad.scatter_add_(-1, labels[:, None], g)  # + g at each label: the onehot term
         return grad.to(ctx.dtype), None, None
 
@@ -170,8 +177,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
         if logits.requires_grad and torch.is_grad_enabled():
             result = _SelectedLogProbs.apply(flat, flat_labels, tau)  # checks its own output
         elif flat.numel() <= _ONE_CALL_ELEMENTS:
-            result, _ = _log_softmax_pick(flat, flat_labels, tau)
-            _check_finite(result)
+            result, _ = _softmax_pick(flat, flat_labels, tau)  # checks its own output
         else:
             result = _forward_chunks(flat, flat_labels, tau)
             _check_finite(result)
