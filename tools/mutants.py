@@ -5,13 +5,12 @@
     .venv/bin/python tools/mutants.py --list                     # what would be planted, nothing run
     .venv/bin/python tools/mutants.py --module ppo --name EMA    # only the mutants whose name holds "EMA"
 
-Measured on 2026-12-03 (after logprobs' one-call path and policy_loss's one-readback diagnostics;
-``nice -n 15 .venv/bin/python tools/mutants.py``, all six modules, about 4 min on 2 quiet cores), killed / run,
-equivalent mutants left out:
+Measured on 2026-12-03 (``nice -n 15 .venv/bin/python tools/mutants.py``, all six modules, about 4 min on 2 quiet
+cores; loss and logprobs run again by module after their last changes), killed / run, equivalent mutants left out:
 
-    loss        26 / 26    masking     11 / 11    advantages  18 / 18
+    loss        25 / 25    masking     11 / 11    advantages  18 / 18
     kl          10 / 10    logprobs    20 / 20    ppo         18 / 18    (+1 equivalent in kl)
-    all        103 / 103 = 100 %
+    all        102 / 102 = 100 %
 
 (2026-12-02, before those changes: 96 / 96.)
 The first pass of this set (before the tests added with it) killed 87 of 96: the survivors were closed by new
