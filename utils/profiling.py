@@ -180,6 +180,21 @@ def _quiet_stderr_fd() -> Iterator[None]:
         os.close(devnull)
 
 
+def _profiled(fn: Callable[[], object], **options) -> "torch.profiler.profile":
+    """Run ``fn`` once under ``torch.profiler`` (CPU activity, plus ``options``), quietly; return the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], **options)
+    with _quiet_stderr_fd():
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr_fd():
+            prof.stop()
+    return prof
+
+
 def top_ops(fn: Callable[[], object], k: int = 3) -> list[tuple[str, int, float]]:
     """The ``k`` aten operators with the most self CPU time in one call of ``fn``: (name, calls, milliseconds).
 
@@ -188,16 +203,7 @@ def top_ops(fn: Callable[[], object], k: int = 3) -> list[tuple[str, int, float]
     """
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU])
-    with _quiet_stderr_fd():
-        prof.start()
-    try:
-        fn()
-    finally:
-        with _quiet_stderr_fd():
-            prof.stop()
+    prof = _profiled(fn)
     ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     ops.sort(key=lambda e: -e.self_cpu_time_total)
     return [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in ops[:k]]
@@ -221,17 +227,8 @@ def peak_memory(fn: Callable[[], object]) -> int:
     total minus the total before the first event. The event tree is the same
     record ``torch.profiler``'s ``export_memory_timeline`` reads.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     gc.collect()
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr_fd():
-        prof.start()
-    try:
-        fn()
-    finally:
-        with _quiet_stderr_fd():
-            prof.stop()
+    prof = _profiled(fn, profile_memory=True)
     allocs = [
         n for n in _walk(prof.profiler.kineto_results.experimental_event_tree())
         if type(n.extra_fields).__name__ == "_ExtraFields_Allocation" and n.extra_fields.device.type == "cpu"
