@@ -56,9 +56,8 @@ sys.path.insert(0, str(ROOT))  # so `utils` imports without the editable install
 
 from utils.logprobs import logprobs_from_logits, response_logits, sequence_logprobs  # noqa: E402
 from utils.loss import aggregate, clipped_surrogate, policy_loss  # noqa: E402
-from utils.profiling import Timing, format_bytes, peak_memory, time_interleaved  # noqa: E402
+from utils.profiling import Timing, peak_memory, time_interleaved  # noqa: E402
 
-GPT2_VOCAB = 50_257
 # utils / best peer, per-round median; utils / floor with backward; extra memory / naive's at >= 100 MB of logits;
 # machinery overhead at batch 1 (the first machinery size)
 TARGETS = {"peer_ratio_max": 1.0, "floor_ratio_max": 1.5, "extra_vs_naive_max": 0.25, "machinery_overhead_max": 0.02}

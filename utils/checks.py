@@ -39,14 +39,8 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> None:
 
 def check_finite(**tensors: torch.Tensor | None) -> None:
     """Raise ``ValueError`` naming the first tensor that holds a NaN or an infinity."""
-    given = {k: t.detach() for k, t in tensors.items() if t is not None and t.is_floating_point()}
-    if not given:
-        return
-    same = len({(t.shape, t.dtype) for t in given.values()}) == 1
-    if same and bool(torch.isfinite(torch.stack(list(given.values()))).all()):  # the usual case: one pass for all
-        return
-    for name, t in given.items():
-        if not bool(torch.isfinite(t).all()):
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf); check what produced it")
 
