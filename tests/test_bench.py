@@ -122,20 +122,27 @@ def test_tiny_run_writes_positive_finite_numbers(bench, tmp_path):
         assert row["best_peer"] in report["meta"]["peers"] and row["best_peer"] != "chunked_autograd"
     assert set(report["logprobs_summary"]) >= {"forward/max_ratio_to_best_peer", "forward+backward/max_floor_ratio"}
     for row in report["machinery"]:
-        assert {"bare", "machinery", "head_utils", "head_cross_entropy", "policy_loss_only", "loss_math_only",
-                "overhead", "attribution"} <= set(row)
+        assert {"heap", "bare", "machinery", "head_utils", "head_cross_entropy", "policy_loss_only", "loss_math_only",
+                "overhead", "overhead_per_round", "attribution", "page_faults_per_step"} <= set(row)
         a = row["attribution"]
         assert math.isclose(sum(a.values()), row["overhead"], abs_tol=1e-12)  # the pieces add up to the overhead
+        q = row["overhead_per_round"]
+        assert q["q1"] <= q["median"] <= q["q3"]
+        assert all(v is None or v >= 0 for v in row["page_faults_per_step"].values())
+    # measured with malloc as it comes, then (where mallopt exists, as on this Linux) with the heap kept
+    heaps = [r["heap"] for r in report["machinery"]]
+    assert heaps == ["as it comes"] + (["kept"] if report["meta"]["heap_kept"] else [])
     assert report["notebooks"]["seconds"] == {"00_fake.ipynb": 1.5}
     assert set(report["verdicts"]) == {"forward_at_least_as_fast_as_every_peer", "backward_at_least_as_fast_as_every_peer",
                                        "backward_within_floor_target", "memory_lead_kept", "machinery_overhead_ok"}
     assert all(isinstance(v, bool) for v in report["verdicts"].values())
     skip = {"/meta/load_average_1min", "/notebooks/seconds/00_fake.ipynb"}
     signed = ("overhead", "logprob_head_vs_cross_entropy", "policy_loss_checks_and_diagnostics", "rest")
-    # (a ratio minus 1, or a difference of two timings: may be negative)
+    # (a ratio minus 1, or a difference of two timings: may be negative; a count of page faults may be 0)
     for path, value in _numbers(report):
         assert math.isfinite(value), path
-        if path not in skip and not path.endswith(signed) and not path.endswith(("/max_abs_err", "/max_abs_grad_err")):
+        if (path not in skip and not path.endswith(signed) and "/overhead_per_round/" not in path
+                and "/page_faults_per_step/" not in path and not path.endswith(("/max_abs_err", "/max_abs_grad_err"))):
             assert value > 0, path
 
 
@@ -149,3 +156,19 @@ def test_no_trap_skips_the_slow_variant(bench):
 def test_missing_timings_are_reported_not_invented(bench, tmp_path):
     times, source = bench.notebook_times(False, tmp_path / "absent.json")
     assert times == {} and "not measured" in source
+
+
+def test_keep_heap_and_page_faults(bench):
+    import sys
+
+    kept = bench.keep_heap()
+    assert isinstance(kept, bool)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        assert kept is bool(hasattr(ctypes.CDLL(None), "mallopt"))  # glibc has it (musl does not)
+    none = bench.minor_faults_per_call(lambda: None)
+    assert none is None or none >= 0
+    if none is not None:  # a fresh 64 MiB, written: above the 32 MiB of heap reuse, so its pages fault in each call
+        faults = bench.minor_faults_per_call(lambda: torch.ones(16 << 20), calls=3)
+        assert faults >= 0.5 * (64 << 20) / 4096 / 512  # at least half its 2 MiB huge pages, if the kernel uses them

@@ -45,6 +45,11 @@ def test_time_interleaved_takes_turns():
     assert order == ["a", "b"] + ["a", "b"] * 3  # warm-ups first, then strict turns
     assert set(out) == {"a", "b"} and len(out["a"].times) == len(out["b"].times) == 3
     assert out["b"].min >= 0.004 > out["a"].median
+    import gc
+
+    seen = []
+    time_interleaved({"gc": lambda: seen.append(gc.isenabled())}, repeats=2, warmup=1)
+    assert seen == [True, False, False] and gc.isenabled()  # off during the timed rounds only (as timeit)
     with pytest.raises(ValueError, match="fns"):
         time_interleaved({})
     with pytest.raises(ValueError, match="repeats"):

@@ -22,7 +22,11 @@ Three sections, each a ratio with its target:
 2. machinery overhead on the bundled small GPT-2: sequence_logprobs + policy_loss + backward against
    a bare forward (same tokens, same logits_to_keep) + cross-entropy + backward. Target: <= 2 % at batch 1.
    Printed with what stands in the way: the log-prob head against F.cross_entropy on the same
-   logits, and policy_loss's input checks and diagnostics.
+   logits, and policy_loss's input checks and diagnostics. Measured twice: with glibc's malloc as it comes,
+   which hands freed blocks back to the OS, so that each step page-faults ~1,000 pages back in (a few ms of a
+   20 ms step, varying from step to step, on both sides), and then with the heap kept (``keep_heap``: what
+   jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends, do by default). The target is judged on
+   the second, where the difference left is the code's; both are printed.
 3. notebook times: build/timings.json (written by tools/execute.py, e.g. by ``make book``),
    or, with --notebooks, by executing them now (nothing is written back into the notebooks).
 """
@@ -38,6 +42,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import ctypes
 import importlib.metadata as md
 import json
 import math
@@ -198,6 +203,35 @@ def bench_logprobs(V: int, B: int, T: int, backward: bool, repeats: int | None =
 
 
 # --------------------------------------------------------------------------- machinery overhead
+def keep_heap() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS; True if it agreed.
+
+    No trimming of the heap's top below 1 GiB (M_TRIM_THRESHOLD), 64 MiB of padding when it grows (M_TOP_PAD),
+    and blocks up to 32 MiB from the heap, not from a fresh mmap (M_MMAP_THRESHOLD, glibc's maximum). The
+    setting lasts for the process. False (and nothing changed) where the C library has no ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    return all(mallopt(opt, value) == 1 for opt, value in
+               ((M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20), (M_MMAP_THRESHOLD, 32 << 20)))
+
+
+def minor_faults_per_call(fn, calls: int = 5) -> float | None:
+    """Minor page faults per call of ``fn`` (after one warm-up call); None where ``resource`` is missing."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def bench_machinery(model, B: int, P: int, R: int, repeats: int) -> dict:
     """Time of sequence_logprobs + policy_loss + backward against a bare forward + CE + backward, same tokens."""
     V = model.config.vocab_size
@@ -245,12 +279,15 @@ def bench_machinery(model, B: int, P: int, R: int, repeats: int) -> dict:
     for fn in fns.values():
         fn()  # warm-up
     timings = time_interleaved(fns, repeats=repeats, warmup=0, shuffle=0)  # in turns, random order
-    row = {"B": B, "prompt_len": P, "response_len": R, "vocab": V}
+    row = {"B": B, "prompt_len": P, "response_len": R, "vocab": V,
+           "page_faults_per_step": {name: minor_faults_per_call(fns[name]) for name in ("bare", "machinery")}}
     for name, t in timings.items():
         row[name] = _summary(t)
     med = {name: row[name]["median_s"] for name in fns}
     bare_s = med["bare"]
     row["overhead"] = med["machinery"] / bare_s - 1
+    per_round = _ratio(timings["machinery"], timings["bare"])  # the two ran back to back in each round
+    row["overhead_per_round"] = {k: per_round[f"{k}_s"] - 1 for k in ("median", "q1", "q3")}
     row["policy_loss_share"] = med["policy_loss_only"] / bare_s
     row["loss_math_share"] = med["loss_math_only"] / bare_s
     # what stands in the way of the target, as shares of the bare step (differences of medians: may be negative)
@@ -313,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                            "torch.exp(x) into a fresh [N, V] for forward+backward (target <= 1.5 with backward)",
             "extra_bytes": "peak bytes alive at once beyond the inputs (logits, labels); with backward, also beyond "
                            "the one [N, V] gradient any method must return (= peak - logits_bytes)",
-            "overhead": "machinery median / bare median - 1 (target <= 2 % at batch 1)",
+            "overhead": "machinery median / bare median - 1 (target <= 2 % at batch 1, judged with the heap kept)",
+            "heap": "glibc malloc 'as it comes' (freed memory returned to the OS, page-faulted back in) or 'kept' "
+                    "(keep_heap: mallopt with no trimming, blocks up to 32 MiB reused)",
         },
     }
 
@@ -353,19 +392,30 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== machinery overhead on the small GPT-2: sequence_logprobs + policy_loss + backward "
           "vs bare forward + cross-entropy + backward, same tokens ==")
     report["machinery"] = []
-    for B, P, R in mach_sizes:
-        row = bench_machinery(model, B, P, R, mach_repeats)
-        report["machinery"].append(row)
-        ms = lambda name: row[name]["median_s"] * 1e3  # noqa: E731
-        print(f"B={B:2d} response={R:3d} tokens: bare {ms('bare'):7.2f} ms | machinery {ms('machinery'):7.2f} ms "
-              f"(overhead {row['overhead']:+.1%}) | log-prob head fwd+bwd {ms('head_utils'):.2f} ms vs cross-entropy "
-              f"{ms('head_cross_entropy'):.2f} ms | policy_loss {ms('policy_loss_only'):.2f} ms, its math alone "
-              f"{ms('loss_math_only'):.2f} ms", flush=True)
-        a = row["attribution"]
-        print(f"      overhead, as shares of the bare step: log-prob head vs cross-entropy "
-              f"{a['logprob_head_vs_cross_entropy']:+.1%}, policy_loss checks + diagnostics "
-              f"{a['policy_loss_checks_and_diagnostics']:+.1%}, the rest (position ids, shape and label checks, "
-              f"the loss's backward; timing noise) {a['rest']:+.1%}", flush=True)
+    for heap in ("as it comes", "kept"):
+        if heap == "kept":
+            report["meta"]["heap_kept"] = keep_heap()
+            if not report["meta"]["heap_kept"]:
+                print("(keep_heap: this C library has no mallopt; the malloc as it comes is all there is)")
+                break
+        print(f"-- glibc malloc heap {heap}" + (" (keep_heap: trimming off, blocks up to 32 MiB reused)" if heap == "kept"
+                                              else " (freed memory goes back to the OS)"))
+        for B, P, R in mach_sizes:
+            row = {"heap": heap, **bench_machinery(model, B, P, R, mach_repeats)}
+            report["machinery"].append(row)
+            ms = lambda name: row[name]["median_s"] * 1e3  # noqa: E731
+            pf = row["page_faults_per_step"]
+            print(f"B={B:2d} response={R:3d} tokens: bare {ms('bare'):7.2f} ms | machinery {ms('machinery'):7.2f} ms "
+                  f"(overhead {row['overhead']:+.1%}) | log-prob head fwd+bwd {ms('head_utils'):.2f} ms vs cross-entropy "
+                  f"{ms('head_cross_entropy'):.2f} ms | policy_loss {ms('policy_loss_only'):.2f} ms, its math alone "
+                  f"{ms('loss_math_only'):.2f} ms", flush=True)
+            a = row["attribution"]
+            print(f"      overhead, as shares of the bare step: log-prob head vs cross-entropy "
+                  f"{a['logprob_head_vs_cross_entropy']:+.1%}, policy_loss checks + diagnostics "
+                  f"{a['policy_loss_checks_and_diagnostics']:+.1%}, the rest (position ids, shape and label checks, "
+                  f"the loss's backward; timing noise) {a['rest']:+.1%}"
+                  + (f"; page faults per step: bare {pf['bare']:.0f}, machinery {pf['machinery']:.0f}"
+                     if pf["bare"] is not None else ""), flush=True)
 
     print("\n== notebook times (s) ==")
     times, source = notebook_times(args.notebooks, args.timings)
@@ -381,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         "backward_within_floor_target": summary["forward+backward/max_floor_ratio"] <= TARGETS["floor_ratio_max"],
         "memory_lead_kept": max(summary[f"{m}/max_extra_vs_naive_at_100MB_or_more"] for m in ("forward", "forward+backward"))
             <= TARGETS["extra_vs_naive_max"],
-        "machinery_overhead_ok": report["machinery"][0]["overhead"] <= TARGETS["machinery_overhead_max"],
+        # judged with the heap kept where keep_heap worked (the last batch-1 row), else on the malloc as it comes
+        "machinery_overhead_ok": [r for r in report["machinery"] if r["B"] == mach_sizes[0][0]][-1]["overhead"]
+            <= TARGETS["machinery_overhead_max"],
     }
     report["seconds"] = time.perf_counter() - t_start
     print("\n== verdicts ==")

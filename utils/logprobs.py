@@ -14,6 +14,7 @@ from utils.models import context_length
 _ONE_CALL_ELEMENTS = 2**23  # up to 8M logits (32 MiB in fp32): one fused call over all rows
 _CHUNK_ELEMENTS = 2**22  # above that, the forward reuses one workspace of at most 4M logits (16 MiB in fp32)
 _TINY = 2.0**-100  # p[label] below this (log p < -69) is recomputed as a log-softmax: p could underflow
+_GRAIN = 32_768  # torch's at::internal::GRAIN_SIZE: an elementwise op on at most this many elements runs on one thread
 
 
 def _rows_per_chunk(n_rows: int, vocab: int) -> int:
@@ -131,9 +132,24 @@ class _SelectedLogProbs(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("logprobs_from_logits: a second backward through one forward; the first turned its "
                                "softmax buffer into the gradient. Run the forward again instead of retain_graph=True")
-        grad.mul_(-g)  # softmax -> -g * softmax, in place
+        _scale_rows_(grad, -g)  # softmax -> -g * softmax, in place
         grad.scatter_add_(-1, labels[:, None], g)  # + g at each label: the onehot term
         return grad.to(ctx.dtype), None, None
+
+
+def _scale_rows_(x: torch.Tensor, w: torch.Tensor) -> None:
+    """x *= w in place, for x [N, V] and w [N, 1].
+
+    Up to 4 * _GRAIN elements, in slices of at most _GRAIN elements: each slice runs on one thread, which is
+    quicker there than waking a second one (at 24 x 4,096 on 2 cores, 36 us against 66 us; notebook 08).
+    """
+    N, V = x.shape
+    if V > _GRAIN or N * V > 4 * _GRAIN:
+        x.mul_(w)
+        return
+    step = _GRAIN // V
+    for i in range(0, N, step):
+        x[i : i + step].mul_(w[i : i + step])
 
 
 def _check_finite(logp: torch.Tensor) -> None:

@@ -10,6 +10,8 @@ notebooks/04_masked_token_loss.ipynb.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -58,6 +60,13 @@ def clipped_surrogate(
     dual_clip: float | None = None,
 ) -> torch.Tensor:
     """Per-token PPO loss from ratios: -min(r A, clip(r) A), optionally dual-clipped. Shapes: any, same."""
+    return _surrogate(ratio, advantages, clip_eps, clip_eps_high, dual_clip)[0]
+
+
+def _surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, clip_eps_high: float | None, dual_clip: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """clipped_surrogate's per-token loss, and where min() picks the clipped branch (surr2 < surr1: no gradient)."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1.0 - clip_eps, 1.0 + eps_high) * advantages
@@ -65,7 +74,7 @@ def clipped_surrogate(
     if dual_clip is not None:
         # For A < 0 a huge ratio makes -r*A unbounded; cap the loss at -c*A (Ye et al. 2020, "dual-clip").
         loss = torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)
-    return loss
+    return loss, surr2.detach() < surr1.detach()
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor | None, agg: str = "seq-mean-token-mean",
@@ -169,31 +178,32 @@ def policy_loss(
     log_ratio = log_probs - old_log_probs.detach()  # old policy is a constant: no gradient flows into it
     ratio = log_ratio.exp()  # pi_theta / pi_old, computed in log space (products of probs underflow)
     adv = advantages.detach()
-    # every position, masked ones too (an inf there would still turn the gradient into NaN: 0 * inf), in one pass:
-    # log_ratio is finite exactly when both log-probs are, and ratio unless exp overflowed
-    if not bool(torch.isfinite(torch.stack([log_ratio.detach(), ratio.detach(), adv])).all()):
+    per_token, clipped = _surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
+    loss = aggregate(per_token, action_mask, agg, normalizer)
+
+    with torch.no_grad():  # the diagnostics and the finite check in one stack, read back with one .tolist()
+        rows = [clipped, log_ratio, ratio, adv]  # [B, T] each; their means over the kept tokens are reported
+        if dual_clip is not None:
+            rows.append((adv < 0) & (-ratio * adv > -dual_clip * adv))  # where the dual clip caps the loss
+        stats = torch.stack(rows)  # [k, B, T]
+        stats = stats.to(torch.promote_types(stats.dtype, torch.float32))  # bf16 diagnostics summed in fp32
+        kept = stats.flatten(1) if action_mask is None else stats[:, action_mask]  # [k, n]
+        n = kept.shape[1]
+        # every position, masked ones too (an inf there would still turn the gradient into NaN: 0 * inf): the sum
+        # is finite exactly when log_ratio, ratio and adv are (log_ratio is finite when both log-probs are)
+        vals = torch.cat([kept.sum(1) / n, torch.stack([*torch.aminmax(kept[2]), stats.sum()])]).tolist()
+    if not math.isfinite(vals[-1]):
         check_finite(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)  # names the culprit
         raise ValueError(
             f"ratio overflowed: max |log_probs - old_log_probs| = {float(log_ratio.detach().abs().max()):.1f}; "
             "the policy moved far from the rollout policy (or the log-probs are misaligned)"
         )
-    per_token = clipped_surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
-    loss = aggregate(per_token, action_mask, agg, normalizer)
-
-    with torch.no_grad():  # the diagnostics over the kept tokens, read back with one .tolist()
-        eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-        clipped = (ratio.clamp(1 - clip_eps, 1 + eps_high) * adv) < ratio * adv  # surr2 < surr1: min picks the clip
-        kept = slice(None) if action_mask is None else action_mask.nonzero(as_tuple=True)
-        r, k1 = ratio[kept], -log_ratio[kept]  # [n] over the kept tokens
-        stats = [clipped[kept].to(r.dtype).mean(), k1.mean(), r.mean(), r.min(), r.max()]
-        if dual_clip is not None:
-            stats.append(((adv < 0) & (-ratio * adv > -dual_clip * adv))[kept].to(r.dtype).mean())
-        vals = torch.stack(stats).tolist()
-        info = {"clip_frac": vals[0], "approx_kl_k1": vals[1],
-                "approx_kl_k3": vals[2] - 1 + vals[1],  # mean(r - 1 - log r) = mean(r) - 1 + k1, exactly
-                "ratio_mean": vals[2], "ratio_min": vals[3], "ratio_max": vals[4]}
-        if dual_clip is not None:
-            info["dual_clip_frac"] = vals[5]
+    k = len(rows)
+    info = {"clip_frac": vals[0], "approx_kl_k1": -vals[1],  # k1 = mean(-log r)
+            "approx_kl_k3": vals[2] - 1 - vals[1],  # mean(r - 1 - log r) = mean(r) - 1 + k1, exactly
+            "ratio_mean": vals[2], "ratio_min": vals[k], "ratio_max": vals[k + 1]}
+    if dual_clip is not None:
+        info["dual_clip_frac"] = vals[4]
     return loss, info
 
 

@@ -32,7 +32,7 @@ def masked_sum(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int | None 
         return tensor.sum() if dim is None else tensor.sum(dim)
     check_same_shape(tensor=tensor, mask=mask)
     mask = _as_bool(mask)
-    kept = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    kept = torch.where(mask, tensor, 0)  # 0 in the tensor's own dtype
     return kept.sum() if dim is None else kept.sum(dim)
 
 
@@ -49,7 +49,7 @@ def masked_mean(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int | None
     check_same_shape(tensor=tensor, mask=mask)
     mask = _as_bool(mask)
     count = mask.sum() if dim is None else mask.sum(dim)
-    if bool((count == 0).any()):
+    if not bool(count.all()):  # some slice keeps no entry
         where = "the whole mask" if dim is None else f"{int((count == 0).sum())} slice(s) along dim={dim}"
         raise ValueError(f"masked_mean: empty mask ({where} keeps no entry); the mean is undefined")
     return masked_sum(tensor, mask, dim) / count.to(tensor.dtype)

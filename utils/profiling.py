@@ -140,6 +140,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, war
     ``shuffle``: a seed; each round then runs the functions in a fresh random order, so that no
     function always follows the same one (a call can run slower or faster after a particular
     neighbour: sleeping threads, caches). Round k of every Timing is still the same round.
+    The garbage collector is off while the rounds run (as in ``timeit``).
     """
     if not fns:
         raise ValueError("fns is empty: nothing to time")
@@ -153,13 +154,19 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, war
     gc.collect()
     times: dict[str, list[float]] = {name: [] for name in fns}
     order, rng = list(fns), random.Random(shuffle)
-    for _ in range(repeats):
-        if shuffle is not None:
-            rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+    was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection would land in whichever call happens to run then
+    try:
+        for _ in range(repeats):
+            if shuffle is not None:
+                rng.shuffle(order)
+            for name in order:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        if was_enabled:
+            gc.enable()
     return {name: Timing(tuple(ts)) for name, ts in times.items()}
 
 
