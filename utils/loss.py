@@ -60,13 +60,6 @@ def clipped_surrogate(
     dual_clip: float | None = None,
 ) -> torch.Tensor:
     """Per-token PPO loss from ratios: -min(r A, clip(r) A), optionally dual-clipped. Shapes: any, same."""
-    return _surrogate(ratio, advantages, clip_eps, clip_eps_high, dual_clip)[0]
-
-
-def _surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float, clip_eps_high: float | None, dual_clip: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """clipped_surrogate's per-token loss, and where min() picks the clipped branch (surr2 < surr1: no gradient)."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1.0 - clip_eps, 1.0 + eps_high) * advantages
@@ -74,7 +67,7 @@ def _surrogate(
     if dual_clip is not None:
         # For A < 0 a huge ratio makes -r*A unbounded; cap the loss at -c*A (Ye et al. 2020, "dual-clip").
         loss = torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)
-    return loss, surr2.detach() < surr1.detach()
+    return loss
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor | None, agg: str = "seq-mean-token-mean",
@@ -178,10 +171,12 @@ def policy_loss(
     log_ratio = log_probs - old_log_probs.detach()  # old policy is a constant: no gradient flows into it
     ratio = log_ratio.exp()  # pi_theta / pi_old, computed in log space (products of probs underflow)
     adv = advantages.detach()
-    per_token, clipped = _surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
+    per_token = clipped_surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
     loss = aggregate(per_token, action_mask, agg, normalizer)
 
     with torch.no_grad():  # the diagnostics and the finite check in one stack, read back with one .tolist()
+        eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+        clipped = (ratio.clamp(1 - clip_eps, 1 + eps_high) * adv) < ratio * adv  # surr2 < surr1: min picks the clip
         rows = [clipped, log_ratio, ratio, adv]  # [B, T] each; their means over the kept tokens are reported
         if dual_clip is not None:
             rows.append((adv < 0) & (-ratio * adv > -dual_clip * adv))  # where the dual clip caps the loss
