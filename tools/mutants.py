@@ -102,7 +102,7 @@ MUTANTS: list[Mutant] = [
     m("loss", "inf advantages on masked tokens accepted", ("stats.sum()])]).tolist()", "kept.sum()])]).tolist()")),
     m("loss", "dual_clip_frac is clip_frac", ('info["dual_clip_frac"] = vals[4]', 'info["dual_clip_frac"] = vals[0]')),
     m("loss", "clip_frac counts ties", ("* adv) < ratio * adv", "* adv) <= ratio * adv")),
-    m("loss", "approx_kl_k1 sign", ('"approx_kl_k1": -vals[1]', '"approx_kl_k1": vals[1]')),
+    m("loss", "approx_kl_k1 sign", ('"approx_kl_k1": 0.0 - vals[1]', '"approx_kl_k1": vals[1]')),
     m("loss", "approx_kl_k3 sign", ('"approx_kl_k3": vals[2] - 1 - vals[1]', '"approx_kl_k3": vals[2] - 1 + vals[1]')),
     m("loss", "ratio_max is the mean", ('"ratio_min": vals[k], "ratio_max": vals[k + 1]}', '"ratio_min": vals[k], "ratio_max": vals[2]}')),
     m("loss", "diagnostics over masked tokens too",

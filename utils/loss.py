@@ -194,7 +194,7 @@ def policy_loss(
             "the policy moved far from the rollout policy (or the log-probs are misaligned)"
         )
     k = len(rows)
-    info = {"clip_frac": vals[0], "approx_kl_k1": -vals[1],  # k1 = mean(-log r)
+    info = {"clip_frac": vals[0], "approx_kl_k1": 0.0 - vals[1],  # k1 = mean(-log r); 0.0 - x, so a ratio of 1 gives 0.0, not -0.0
             "approx_kl_k3": vals[2] - 1 - vals[1],  # mean(r - 1 - log r) = mean(r) - 1 + k1, exactly
             "ratio_mean": vals[2], "ratio_min": vals[k], "ratio_max": vals[k + 1]}
     if dual_clip is not None:
