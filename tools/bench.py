@@ -1,6 +1,6 @@
 """Print the speed and memory ratios that matter for the actor update, and write build/bench.json.
 
-    python tools/bench.py               # the full run (about 4 minutes on 2 cores, several GiB of memory)
+    python tools/bench.py               # the full run (4-8 minutes on 2 cores, several GiB of memory)
     python tools/bench.py --tiny        # a smoke test at tiny sizes (seconds)
     python tools/bench.py --notebooks   # also execute every notebook (fresh kernels) to time it
 

@@ -5,14 +5,14 @@
     .venv/bin/python tools/mutants.py --list                     # what would be planted, nothing run
     .venv/bin/python tools/mutants.py --module ppo --name EMA    # only the mutants whose name holds "EMA"
 
-Measured on 2026-12-03 (``nice -n 15 .venv/bin/python tools/mutants.py``, all six modules, about 4 min on 2 quiet
-cores; loss and logprobs run again by module after their last changes), killed / run, equivalent mutants left out:
+Measured on 2026-12-03 (``nice -n 15 .venv/bin/python tools/mutants.py``, all six modules, 3.5 min on 2 cores),
+killed / run, equivalent mutants left out:
 
-    loss        25 / 25    masking     11 / 11    advantages  18 / 18
-    kl          10 / 10    logprobs    20 / 20    ppo         18 / 18    (+1 equivalent in kl)
-    all        102 / 102 = 100 %
+    loss        27 / 27    masking     11 / 11    advantages  18 / 18
+    kl          10 / 10    logprobs    21 / 21    ppo         18 / 18    (+1 equivalent in kl)
+    all        105 / 105 = 100 %
 
-(2026-12-02, before those changes: 96 / 96.)
+(Earlier that day, before policy_loss's stacked diagnostics and the sliced backward: 102 / 102; on 2026-12-02, 96 / 96.)
 The first pass of this set (before the tests added with it) killed 87 of 96: the survivors were closed by new
 tests in the mirrored files (masks with a 0.5 entry, a mask whose shape does not fit ``dim``, ``kl_from_logits``'s
 direction and temperature, gae's stop-gradient on the values, the clipped gradient that ``step()`` sees, no
