@@ -119,6 +119,7 @@ def test_tiny_run_writes_positive_finite_numbers(bench, tmp_path):
                 assert row[name]["extra_bytes"] == row[name]["peak_bytes"]
         assert row["naive"]["peak_bytes"] >= row["logits_bytes"]  # the full log-softmax copy, at least
         assert {"floor", "best_peer", "ratio_to_best_peer", "floor_ratio", "extra_vs_naive"} <= set(row)
+        assert ({"autograd_sum", "autograd_sum_over_floor"} <= set(row)) == (row["mode"] == "forward+backward")
         assert row["best_peer"] in report["meta"]["peers"] and row["best_peer"] != "chunked_autograd"
     assert set(report["logprobs_summary"]) >= {"forward/max_ratio_to_best_peer", "forward+backward/max_floor_ratio"}
     for row in report["machinery"]:

@@ -17,6 +17,8 @@ Three sections, each a ratio with its target:
    Ratios are per round (calls of one round ran back to back): median and quartiles.
    *Extra* peak memory (utils.profiling.peak_memory): the most bytes alive at once beyond the inputs,
    and with backward also beyond the one [N, V] gradient that any method must return.
+   With backward it also times ``autograd_sum`` (``x.sum(-1)`` differentiated): what the autograd engine and a
+   fresh [N, V] gradient cost alone, printed as a multiple of the floor.
    Targets: utils / best peer <= 1 at every size, both modes; utils / floor <= 1.5 with backward; extra
    memory <= 1/4 of naive's from 100 MB of logits up.
 2. machinery overhead on the bundled small GPT-2: sequence_logprobs + policy_loss + backward against
@@ -176,6 +178,11 @@ def bench_logprobs(V: int, B: int, T: int, backward: bool, repeats: int | None =
         calls[name] = call
     floor = {"floor": (lambda: (torch.exp(logits, out=buf), torch.exp(logits))) if backward
              else (lambda: torch.exp(logits, out=buf))}
+    if backward:  # what autograd alone costs: a sum over the vocabulary, differentiated (its gradient is a fresh [N, V])
+        def autograd_sum():
+            x.sum(-1).sum().backward()
+            x.grad = None
+        floor["autograd_sum"] = autograd_sum
     peaks = {name: peak_memory(call) for name, call in calls.items()}  # also the warm-up calls
     floor["floor"]()
     times = time_interleaved({**calls, **floor}, repeats=repeats, warmup=0, shuffle=0)  # in turns, random order
@@ -191,6 +198,9 @@ def bench_logprobs(V: int, B: int, T: int, backward: bool, repeats: int | None =
                 x.grad = None
         row[name] = {**entry, **_summary(times[name])}
     row["floor"] = _summary(times["floor"])
+    if backward:
+        row["autograd_sum"] = _summary(times["autograd_sum"])
+        row["autograd_sum_over_floor"] = _ratio(times["autograd_sum"], times["floor"])
     best = min(PEERS, key=lambda k: times[k].median)
     row["best_peer"] = best
     row["ratio_to_best_peer"] = _ratio(times["utils"], times[best])
@@ -377,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{f'{V:,} x {B} x {T:,}':>20s} {'fwd' if mode == 'forward' else 'fwd+bwd':>7s} {row['repeats']:6d} | "
                   f"{ms(row['utils']['median_s'])} {best:>13s} {ms(row[best]['median_s'])} {q(row['ratio_to_best_peer'])} | "
                   f"{ms(row['floor']['median_s'])} {q(row['floor_ratio'])} | {xb('utils'):6.3f} "
-                  f"{xb(row['least_memory_peer']):6.3f}", flush=True)
+                  f"{xb(row['least_memory_peer']):6.3f}"
+                  + (f" | autograd sum {row['autograd_sum_over_floor']['median_s']:.2f} x floor" if mode != "forward" else ""),
+                  flush=True)
     rows = report["logprobs"]
     summary = {}
     for mode in ("forward", "forward+backward"):
