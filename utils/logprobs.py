@@ -141,7 +141,7 @@ def _scale_rows_(x: torch.Tensor, w: torch.Tensor) -> None:
     """x *= w in place, for x [N, V] and w [N, 1].
 
     Up to 4 * _GRAIN elements, in slices of at most _GRAIN elements: each slice runs on one thread, which is
-    quicker there than waking a second one (at 24 x 4,096 on 2 cores, 36 us against 66 us; notebook 08).
+    quicker there than waking a second one (notebook 08 times both at 24 x 4,096).
     """
     N, V = x.shape
     if V > _GRAIN or N * V > 4 * _GRAIN:

@@ -184,8 +184,9 @@ def policy_loss(
         stats = stats.to(torch.promote_types(stats.dtype, torch.float32))  # bf16 diagnostics summed in fp32
         kept = stats.flatten(1) if action_mask is None else stats[:, action_mask]  # [k, n]
         n = kept.shape[1]
-        # every position, masked ones too (an inf there would still turn the gradient into NaN: 0 * inf): the sum
-        # is finite exactly when log_ratio, ratio and adv are (log_ratio is finite when both log-probs are)
+        # every position, masked ones too (an inf there would still turn the gradient into NaN: 0 * inf): a NaN or
+        # inf in log_ratio, ratio or adv makes the sum non-finite (log_ratio is finite when both log-probs are; finite
+        # values overflow the sum only beyond 3e38, where the loss itself would)
         vals = torch.cat([kept.sum(1) / n, torch.stack([*torch.aminmax(kept[2]), stats.sum()])]).tolist()
     if not math.isfinite(vals[-1]):
         check_finite(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages)  # names the culprit
