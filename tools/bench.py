@@ -26,8 +26,9 @@ Three sections, each a ratio with its target:
    Printed with what stands in the way: the log-prob head against F.cross_entropy on the same
    logits, and policy_loss's input checks and diagnostics. Measured twice: with glibc's malloc as it comes,
    which hands freed blocks back to the OS, so that each step page-faults ~1,000 pages back in (a few ms of a
-   20 ms step, varying from step to step, on both sides), and then with the heap kept (``keep_heap``: what
-   jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends, do by default). The target is judged on
+   20 ms step, varying from step to step, on both sides), and then with the heap kept (``keep_heap``: closer to
+   how jemalloc and tcmalloc reuse freed memory; PyTorch's tuning guide, recipes_source/recipes/tuning_guide.py in
+   pytorch/tutorials, suggests either allocator for CPU work). The target is judged on
    the second, where the difference left is the code's; both are printed.
 3. notebook times: build/timings.json (written by tools/execute.py, e.g. by ``make book``),
    or, with --notebooks, by executing them now (nothing is written back into the notebooks).
@@ -218,7 +219,8 @@ def keep_heap() -> bool:
 
     No trimming of the heap's top below 1 GiB (M_TRIM_THRESHOLD), 64 MiB of padding when it grows (M_TOP_PAD),
     and blocks up to 32 MiB from the heap, not from a fresh mmap (M_MMAP_THRESHOLD, glibc's maximum). The
-    setting lasts for the process. False (and nothing changed) where the C library has no ``mallopt``.
+    setting lasts for the process. False where the C library has no ``mallopt`` (nothing changed) or refuses one
+    of the three settings (glibc accepts all three).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
