@@ -99,3 +99,14 @@ def test_installed_versions_match_pins(name):
     for pkg, pinned in pins(ROOT / name).items():
         installed = version(pkg)
         assert installed.split("+")[0] == pinned, f"{pkg}: installed {installed}, pinned {pinned} ({name})"
+
+
+def test_version_is_the_changelogs_latest():
+    """pyproject.toml, CITATION.cff and the top entry of CHANGELOG.md name one version (it stayed 0.1.0 for three
+    releases once)."""
+    top = re.search(r"^## (\d+\.\d+\.\d+) \((\d{4}-\d\d-\d\d)\)", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert top, "CHANGELOG.md has no '## X.Y.Z (YYYY-MM-DD)' entry"
+    cff = (ROOT / "CITATION.cff").read_text()
+    assert pyproject()["version"] == top.group(1)
+    assert re.search(rf"^version: {re.escape(top.group(1))}$", cff, re.M)
+    assert re.search(rf"^date-released: {top.group(2)}$", cff, re.M)

@@ -54,8 +54,10 @@ ARMS = {  # arm -> (ActorConfig overrides, control reward?)
 REPRO_ARMS = ("reward", "lagged", "eps_none")
 # Reproduction tolerance for tests/test_results.py, per metric: one standard deviation over seeds (the median over
 # the arms of the committed file; length: one token). On the machine that wrote the file a rerun is exact (one
-# thread, seeded); on another CPU float sums round differently and the sampled tokens part ways after a few
-# updates, so a seed's numbers may move by about that much. Claims are made on means over seeds, not on one row.
+# thread, seeded); on another CPU float sums round differently and the sampled tokens can part ways during the run.
+# The test widens each key's tolerance to two of that key's own standard deviations over seeds
+# (utils.results.reproduction_tolerance): the no-clip arm spreads far more than the median arm. Claims are made on
+# means over seeds, not on one row.
 TOLERANCE = {"score": 0.4, "kl": 9.0, "kl_per_token": 0.4, "length": 1.0, "entropy": 0.5, "distinct": 0.06,
              "step_kl": 0.003, "clip_frac": 0.005, "max_log_ratio": 0.35}
 

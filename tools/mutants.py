@@ -195,7 +195,7 @@ MUTANTS: list[Mutant] = [
     m("logprobs", "a slice skipped when scaling small gradients", ("    for i in range(0, N, step):\n        x[i",
                                                                  "    for i in range(0, N, step + 1):\n        x[i")),
     m("logprobs", "second backward allowed", ("grad, ctx.probs = ctx.probs, None", "grad = ctx.probs")),
-    m("logprobs", "no underflow fallback", ("if not p.min() >= _TINY:", "if False:")),
+    m("logprobs", "no underflow fallback", ("if not float(p.min()) >= _TINY:", "if False:")),
     m("logprobs", "a row skipped between chunks", ("    for i in range(0, N, step):\n        buf = work",
                                                    "    for i in range(0, N, step + 1):\n        buf = work")),
     m("logprobs", "entropy sign", ("out.append(-(logp.exp() * logp).sum(-1))", "out.append((logp.exp() * logp).sum(-1))")),

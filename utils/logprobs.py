@@ -69,7 +69,7 @@ def _softmax_pick(flat: torch.Tensor, labels: torch.Tensor, tau: float) -> tuple
     probs = torch.softmax(z, -1) if z is flat else torch.softmax(z, -1, out=z)  # in place on a scaled copy
     p = probs.gather(-1, labels[:, None])  # [N, 1]
     logp = p.log()
-    if not p.min() >= _TINY:  # rare: an unlikely label, or NaN
+    if not float(p.min()) >= _TINY:  # rare: an unlikely label, or NaN (a Python float compare: no tensor op)
         low = ~(p.view(-1) >= _TINY)
         logp.view(-1)[low] = _forward_chunks(flat[low], labels[low], tau)
         _check_finite(logp)
