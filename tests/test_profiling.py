@@ -1,12 +1,13 @@
 """utils.profiling: timing statistics by hand, peak memory against allocations of known size."""
 
+import gc
 import sys
 import time
 
 import pytest
 import torch
 
-from utils.profiling import (Timing, format_bytes, format_seconds, peak_memory, peak_rss_delta, rss_method, time_fn,
+from utils.profiling import (Timing, format_bytes, format_seconds, peak_memories, peak_memory, peak_rss_delta, rss_method, time_fn,
                              time_interleaved)
 
 MB4 = 1000 * 1000 * 4  # bytes of a float32 [1000, 1000] tensor
@@ -100,6 +101,26 @@ def test_peak_memory_ignores_tensors_made_before_and_is_repeatable():
     y = torch.randn(500, 1000)
     runs = {peak_memory(lambda: torch.log_softmax(y, -1)) for _ in range(3)}
     assert runs == {500 * 1000 * 4}  # exact and the same every time
+
+
+def test_peak_memories_under_one_profiler_match_one_profiler_each():
+    y = torch.randn(500, 1000)
+    held = []
+    calls = {
+        "big": lambda: torch.ones(2000, 1000),                 # returned, then dropped before the next call
+        "none": lambda: None,                                   # allocates nothing
+        "small": lambda: torch.ones(1000, 1000),                # its peak is its own, not the big call's
+        "keeps": lambda: held.append(torch.ones(1000, 1000)),   # still alive after the call...
+        "log_softmax": lambda: torch.log_softmax(y, -1),        # ...which does not count against the next one
+    }
+    together = peak_memories(calls)
+    assert list(together) == list(calls)
+    assert together == {"big": 2 * MB4, "none": 0, "small": MB4, "keeps": MB4, "log_softmax": 500 * 1000 * 4}
+    held.clear()
+    assert together == {name: peak_memory(fn) for name, fn in calls.items()}
+    seen = []
+    peak_memories({"a": lambda: seen.append(gc.isenabled())})
+    assert seen == [False] and gc.isenabled()  # off during the calls (a collection would lower the total), on after
 
 
 def test_peak_memory_stops_profiler_on_error():

@@ -15,7 +15,7 @@ Three sections, each a ratio with its target:
    All run in turns in one process with a floor: ``torch.exp(x, out=buf)`` forward, plus ``torch.exp(x)``
    into a fresh [N, V] with backward (one exp per logit each way, which any exact method needs).
    Ratios are per round (calls of one round ran back to back): median and quartiles.
-   *Extra* peak memory (utils.profiling.peak_memory): the most bytes alive at once beyond the inputs,
+   *Extra* peak memory (utils.profiling.peak_memories): the most bytes alive at once beyond the inputs,
    and with backward also beyond the one [N, V] gradient that any method must return.
    With backward it also times ``autograd_sum`` (``x.sum(-1)`` differentiated): what the autograd engine and a
    fresh [N, V] gradient cost alone, printed as a multiple of the floor.
@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))  # so `utils` imports without the editable install
 
 from utils.logprobs import logprobs_from_logits, response_logits, sequence_logprobs  # noqa: E402
 from utils.loss import aggregate, clipped_surrogate, policy_loss  # noqa: E402
-from utils.profiling import Timing, peak_memory, time_interleaved  # noqa: E402
+from utils.profiling import Timing, peak_memories, time_interleaved  # noqa: E402
 
 # utils / best peer, per-round median; utils / floor with backward; extra memory / naive's at >= 100 MB of logits;
 # machinery overhead at batch 1 (the first machinery size)
@@ -184,7 +184,7 @@ def bench_logprobs(V: int, B: int, T: int, backward: bool, repeats: int | None =
             x.sum(-1).sum().backward()
             x.grad = None
         floor["autograd_sum"] = autograd_sum
-    peaks = {name: peak_memory(call) for name, call in calls.items()}  # also the warm-up calls
+    peaks = peak_memories(calls)  # one profiler for all; also the warm-up calls
     floor["floor"]()
     times = time_interleaved({**calls, **floor}, repeats=repeats, warmup=0, shuffle=0)  # in turns, random order
     grad_bytes = logits_bytes if backward else 0  # the gradient any method must return is not "extra"
