@@ -13,7 +13,7 @@ def seeded_rng(request):
     """torch's and Python's global generators seeded per test, from its name plus ``$PPO_TEST_SEED`` (default 0).
 
     A test's draws then do not depend on which tests ran before it on the same pytest-xdist worker, and
-    ``PPO_TEST_SEED=1 make test`` (2, 3, ...) checks that no test holds only for one lucky draw.
+    ``make test-seeds`` (``PPO_TEST_SEED=1``; ``SEEDS="1 2 3"`` for more) checks that no test holds only for one lucky draw.
     """
     seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("PPO_TEST_SEED", "0"))
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@
   profiling began, and the peak is the largest running total. Exact to the
   byte and repeatable; it counts tensors (and temporaries inside kernels that
   use the allocator), not Python objects or memory outside PyTorch.
-  ``peak_memories({name: fn})`` measures several calls under one profiler (its start costs more than a small call).
+  ``peak_memories({name: fn})`` measures several calls at once: one garbage collection and one profiler for all.
 - ``peak_rss_delta(setup, stmt)``: the cross-check, from outside. Runs ``setup``
   in a fresh Python, resets the kernel's peak-RSS mark, runs ``stmt`` and
   returns how far the peak resident set (``VmHWM``) rose above the resident set
