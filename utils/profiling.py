@@ -230,7 +230,8 @@ def peak_memory(fn: Callable[[], object]) -> int:
     live when it ends) and the temporaries freed inside it; frees of tensors
     created before the call do not lower the count. Runs ``fn`` once, under
     ``torch.profiler`` with ``profile_memory=True`` (which slows the call, so
-    time it separately with ``time_fn``). Each allocation event records the
+    time it separately with ``time_fn``), after one garbage collection and with
+    the collector off (as ``peak_memories``). Each allocation event records the
     allocator's running total (``total_allocated``); the answer is the largest
     total minus the total before the first event. The event tree is the same
     record ``torch.profiler``'s ``export_memory_timeline`` reads.
