@@ -22,13 +22,13 @@ from utils.masking import masked_mean, masked_sum, response_mask
 from utils.advantages import gae, returns_to_go, token_rewards, whiten
 from utils.kl import kl_estimate
 from utils.diagnose import Finding, diagnose  # noqa: E402  (utils.diagnose is the function; its module's names ride on it)
-from utils.models import DEFAULT_MODEL_DIR, base_seed, context_length, get_device, load_policy, set_seed, set_threads
+from utils.models import DEFAULT_MODEL_DIR, base_seed, context_length, load_policy, set_seed, set_threads
 
 __all__ = [
     "cmp", "entropy_from_logits", "logprobs_from_logits", "position_ids_from_mask", "response_logits",
     "sequence_logprobs", "PolicyLoss", "aggregate", "clipped_surrogate", "policy_loss", "masked_mean",
     "masked_sum", "response_mask", "gae", "returns_to_go", "token_rewards", "whiten", "kl_estimate", "DEFAULT_MODEL_DIR", "base_seed",
-    "context_length", "get_device", "load_policy", "set_seed", "set_threads",
+    "context_length", "load_policy", "set_seed", "set_threads",
     "AGGREGATIONS", "global_normalizer", "OBJECTIVES", "ObjectiveLoss", "objective_loss", "per_token_loss",
     "GroupBatch", "group_advantages", "sample_groups", "token_advantages", "diagnose", "Finding",
 ]

@@ -58,14 +58,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def get_device(verbose: bool = True) -> torch.device:
-    """Pick CUDA if present, else CPU, and say which. The series' sizes run fine on a CPU."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if verbose:
-        print(f"device: {dev}")
-    return dev
-
-
 def load_policy(name: str | os.PathLike | None = None, device: torch.device | str = "cpu"):
     """Return ``(model, tokenizer)`` in eval mode.
 
