@@ -284,7 +284,11 @@ def test_sequence_logprobs_entropy_and_gradient(policy):
 def test_response_logits_shape_and_errors(policy):
     model, _ = policy
     ids = torch.randint(1, 100, (2, 10))
-    assert response_logits(model, ids, None, 3).shape == (2, 7, model.config.vocab_size)
+    got = response_logits(model, ids, None, 3)
+    assert got.shape == (2, 7, model.config.vocab_size)
+    assert got.is_contiguous()  # B > 1: flattening it for the log-probs must not copy the logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(ids).logits[:, 2:-1], atol=1e-5, rtol=1e-5)  # positions P-1 ... T-2
     for bad in (0, 10, 11, -1):
         with pytest.raises(ValueError, match="prompt_len"):
             response_logits(model, ids, None, bad)

@@ -254,8 +254,10 @@ def bench_machinery(model, B: int, P: int, R: int, repeats: int) -> dict:
     adv = torch.randn(B, R, generator=gen)
     mask = torch.ones(B, R, dtype=torch.bool)
 
+    keep = torch.arange(P - 1, P - 1 + R)  # the response's positions, as utils.response_logits keeps them
+
     def bare():  # what a reader would write with no PPO: logits of the response positions, CE, backward
-        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=R + 1, use_cache=False).logits[:, :-1]
+        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep, use_cache=False).logits  # [B, R, V]
         F.cross_entropy(logits.reshape(-1, V), ids[:, P:].reshape(-1)).backward()
         model.zero_grad(set_to_none=True)
 

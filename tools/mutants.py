@@ -201,7 +201,7 @@ MUTANTS: list[Mutant] = [
     m("logprobs", "entropy sign", ("out.append(-(logp.exp() * logp).sum(-1))", "out.append((logp.exp() * logp).sum(-1))")),
     m("logprobs", "positions from 1", ("(attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
                                        "attention_mask.long().cumsum(-1).clamp(min=0)")),
-    m("logprobs", "no shift by one", ("return out.logits[:, :-1]", "return out.logits[:, 1:]")),
+    m("logprobs", "no shift by one", ("torch.arange(prompt_len - 1, T - 1,", "torch.arange(prompt_len, T,")),
     m("logprobs", "non-finite logits accepted", ('raise ValueError("logits hold NaN or inf: the log-probabilities are not finite")',
                                                  "pass")),
     m("logprobs", "backward misses the 1/temperature", ("g = g if tau == 1.0 else g / tau", "g = g")),

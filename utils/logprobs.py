@@ -231,9 +231,12 @@ def response_logits(
 ) -> torch.Tensor:
     """Logits that predict the response tokens ``input_ids[:, prompt_len:]``.
 
-    input_ids: [B, T] (prompts left-padded to ``prompt_len``). Returns [B, T - prompt_len, V].
+    input_ids: [B, T] (prompts left-padded to ``prompt_len``). Returns [B, T - prompt_len, V], contiguous.
     The shift by one lives here: the logits at position t predict token t + 1,
-    so the response's logits start at ``prompt_len - 1`` and the last position's are dropped.
+    so the response's logits are those at positions ``prompt_len - 1 ... T - 2`` (``logits[:, P-1:-1]``).
+    The LM head runs on those positions only (``logits_to_keep`` given as their indices), so no slice of
+    the logits is taken afterwards: for B > 1 a slice ``[:, :-1]`` would make the flattening in
+    ``logprobs_from_logits`` copy all [B, R, V] logits.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
@@ -251,10 +254,10 @@ def response_logits(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=T - prompt_len + 1,  # skip the LM head on prompt positions we never score
+        logits_to_keep=torch.arange(prompt_len - 1, T - 1, device=input_ids.device),  # the R positions that score a response token
         use_cache=False,
     )
-    return out.logits[:, :-1]  # [B, R, V]: drop the prediction after the last token
+    return out.logits  # [B, R, V]
 
 
 def sequence_logprobs(
