@@ -254,7 +254,8 @@ def response_logits(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=torch.arange(prompt_len - 1, T - 1, device=input_ids.device),  # the R positions that score a response token
+        # the R positions that score a response token; the LM head skips the rest
+        logits_to_keep=torch.arange(prompt_len - 1, T - 1, device=input_ids.device),
         use_cache=False,
     )
     return out.logits  # [B, R, V]
